@@ -1,0 +1,47 @@
+# One-command set-up: every target creates .venv (if missing), installs torch, triton, the test
+# tools and mxd_fast itself, then runs. A machine whose python already has a CUDA build of torch
+# keeps it (the venv sees the system packages); elsewhere the CPU wheel torch==2.13.0 is installed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.9.0
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider
+
+.PHONY: setup install test test-torch test-triton test-bench test-cuda-compile bench train info clean
+
+setup: $(VENV)/.setup-done
+
+$(VENV)/.setup-done: requirements-dev.txt
+	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
+		echo "keeping the CUDA torch of $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else $(PYTHON) -m venv $(VENV); fi
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q $(TRITON_SPEC)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+install: setup
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -m mxd_fast.info
+
+# Torch backend, module, compile and opcheck tests; then the Triton kernels under the interpreter
+# (on a GPU machine they run on the GPU instead); then every benchmark once, untimed.
+test: install
+	$(PYTEST) -m "not triton" tests
+	TRITON_INTERPRET=$${TRITON_INTERPRET-$$($(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)")} \
+		$(PYTEST) -m triton tests
+	$(PYTEST) bench --benchmark-disable
+
+bench: install
+	$(PY) -m bench
+
+train: install
+	$(PY) -m mxd_fast.train
+
+info: install
+	$(PY) -m mxd_fast.info
+
+clean:
+	rm -rf build *.egg-info mxd_fast/*.so

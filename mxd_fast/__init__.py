@@ -1,0 +1,21 @@
+"""mxd_fast: fast, memory-lean kernels and ops for Mixture of Decoders (MxD) layers."""
+from . import reference
+from .backend import BackendUnavailableError, available_backends, get_backend, use_backend, use_deterministic
+from .module import MxD, mxd_experts_for_budget
+from .ops import gather_combine, mxd_decode, topk_gate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "MxD",
+    "available_backends",
+    "gather_combine",
+    "get_backend",
+    "mxd_decode",
+    "mxd_experts_for_budget",
+    "reference",
+    "topk_gate",
+    "use_backend",
+    "use_deterministic",
+]

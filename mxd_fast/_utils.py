@@ -1,0 +1,123 @@
+"""Input validation and output allocation shared by the ops."""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+_state = threading.local()
+
+
+# ---- output allocation -------------------------------------------------------------------
+
+def poisoning() -> bool:
+    flag = getattr(_state, "poison", None)
+    if flag is None:
+        flag = os.environ.get("MXD_FAST_POISON", "0") == "1"
+    return flag
+
+
+@contextlib.contextmanager
+def poison_outputs(flag: bool = True):
+    """Fill every buffer a kernel allocates with NaN (or -1 for integers) before the kernel runs,
+    so that an element the kernel forgets to write shows up in the tests."""
+    previous = getattr(_state, "poison", None)
+    _state.poison = flag
+    try:
+        yield
+    finally:
+        _state.poison = previous
+
+
+def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty, poisoned under poison_outputs()."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if poisoning():
+        out.fill_(float("nan") if out.is_floating_point() else -1)
+    return out
+
+
+# ---- validation --------------------------------------------------------------------------
+
+def check_tensor(name: str, t, ndim: int | None = None, min_ndim: int | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(t.shape)}")
+    return t
+
+
+def check_float(name: str, t: torch.Tensor, like: tuple[str, torch.Tensor] | None = None) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {t.dtype}")
+    if like is not None:
+        other_name, other = like
+        if t.dtype != other.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {other_name} has dtype {other.dtype}; they must match")
+        if t.device != other.device:
+            raise ValueError(f"{name} is on {t.device} but {other_name} is on {other.device}; they must match")
+
+
+def check_index(name: str, t: torch.Tensor, like: tuple[str, torch.Tensor]) -> None:
+    if t.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be an int64 or int32 tensor, got {t.dtype}")
+    other_name, other = like
+    if t.device != other.device:
+        raise ValueError(f"{name} is on {t.device} but {other_name} is on {other.device}; they must match")
+
+
+def check_k(k, n: int, n_name: str) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        if isinstance(k, torch.SymInt):
+            return k
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= n:
+        raise ValueError(f"k must satisfy 1 <= k <= {n_name} = {n}, got k = {k}")
+    return k
+
+
+def check_index_range(name: str, indices: torch.Tensor, n: int, n_name: str) -> None:
+    """Raise IndexError when an index lies outside [0, n). Reads the data: not for fake tensors.
+    On CUDA this synchronises; see index_checks()."""
+    if indices.numel() == 0:
+        return
+    lo, hi = torch.aminmax(indices)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= n:
+        bad = lo if lo < 0 else hi
+        raise IndexError(f"{name} contains {bad}, outside [0, {n_name} = {n})")
+
+
+_checked_cuda_ops: set = set()
+
+
+def index_checks() -> str:
+    """MXD_FAST_CHECK_INDICES: "always", "first" (default: each op checks its first call on a CUDA
+    device) or "never". CPU tensors are always checked. Kernels never read out of bounds either way:
+    an out-of-range index that is not checked contributes zero."""
+    mode = os.environ.get("MXD_FAST_CHECK_INDICES", "first")
+    if mode not in ("always", "first", "never"):
+        raise ValueError(f"environment variable MXD_FAST_CHECK_INDICES must be always, first or never, got {mode!r}")
+    return mode
+
+
+def maybe_check_index_range(op: str, name: str, indices: torch.Tensor, n: int, n_name: str) -> None:
+    if indices.device.type == "cpu":
+        check_index_range(name, indices, n, n_name)
+        return
+    mode = index_checks()
+    if mode == "always" or (mode == "first" and op not in _checked_cuda_ops):
+        check_index_range(name, indices, n, n_name)
+        _checked_cuda_ops.add(op)
+
+
+def flatten_leading(t: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [prod(...), D] (a view where possible)."""
+    return t.reshape(-1, t.shape[-1])

@@ -1,0 +1,135 @@
+"""Backend selection for the mxd_fast ops.
+
+`with use_backend("triton"): ...` or the environment variable MXD_FAST_BACKEND picks the
+implementation behind every op: "auto" (default), "torch", "triton" or "cuda".
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import threading
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+# Which backend "auto" prefers per op on CUDA tensors, fastest first. Updated from the
+# measurements under bench/results/; an entry that is not available is skipped.
+AUTO_PREFERENCE = {
+    "topk_gate": ("triton", "cuda", "torch"),
+    "gather_combine": ("triton", "cuda", "torch"),
+    "mxd_decode": ("triton", "cuda", "torch"),
+}
+
+_state = threading.local()
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run on the given tensors."""
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name.lower()
+
+
+def get_backend() -> str:
+    """The backend in force: the innermost use_backend(), else MXD_FAST_BACKEND, else "auto"."""
+    name = getattr(_state, "name", None)
+    if name is not None:
+        return name
+    env = os.environ.get("MXD_FAST_BACKEND", "auto")
+    try:
+        return _check_name(env)
+    except ValueError:
+        raise ValueError(f"environment variable MXD_FAST_BACKEND must be one of {BACKENDS}, got {env!r}") from None
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the mxd_fast ops inside the block with backend `name`."""
+    name = _check_name(name)
+    previous = getattr(_state, "name", None)
+    _state.name = name
+    try:
+        yield
+    finally:
+        _state.name = previous
+
+
+def deterministic() -> bool:
+    """Backward passes use the deterministic (atomics-free) kernels unless MXD_FAST_DETERMINISTIC=0
+    or use_deterministic(False) says otherwise."""
+    flag = getattr(_state, "deterministic", None)
+    if flag is not None:
+        return flag
+    return os.environ.get("MXD_FAST_DETERMINISTIC", "1") not in ("0", "false", "False")
+
+
+@contextlib.contextmanager
+def use_deterministic(flag: bool = True):
+    if not isinstance(flag, bool):
+        raise TypeError(f"flag must be a bool, got {type(flag).__name__}")
+    previous = getattr(_state, "deterministic", None)
+    _state.deterministic = flag
+    try:
+        yield
+    finally:
+        _state.deterministic = previous
+
+
+def _triton_status(device: torch.device) -> str | None:
+    """None when Triton kernels can run on `device`, else the reason they cannot."""
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed"
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+            return ("Triton kernels on CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 "
+                    "before triton is imported")
+        return None
+    if device.type == "cuda":
+        return None
+    return f"Triton kernels do not run on device type {device.type!r}"
+
+
+def _cuda_status(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"the cuda backend needs CUDA tensors, got device {str(device)!r}"
+    from . import _extension
+
+    if not _extension.cuda_ops_loaded():
+        return "the CUDA extension of mxd_fast is not built (install on a machine whose torch has CUDA)"
+    return None
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    if name == "torch":
+        return None
+    if name == "triton":
+        return _triton_status(device)
+    if name == "cuda":
+        return _cuda_status(device)
+    raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {name!r}")
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    device = torch.device(device)
+    return [b for b in BACKENDS[1:] if unavailable_reason(b, device) is None]
+
+
+def resolve(op: str, device: torch.device) -> str:
+    """The concrete backend that runs `op` on tensors of `device`."""
+    name = get_backend()
+    if name == "auto":
+        if device.type != "cuda":
+            return "torch"
+        for candidate in AUTO_PREFERENCE[op]:
+            if unavailable_reason(candidate, device) is None:
+                return candidate
+        return "torch"
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"mxd_fast backend {name!r} cannot run {op}: {reason}")
+    return name

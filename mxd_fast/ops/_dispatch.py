@@ -1,0 +1,21 @@
+"""Find the kernel of an op for a backend, by one naming convention:
+Triton: mxd_fast.kernels.<op>.<op>_<direction>; CUDA: torch.ops.mxd_fast_cuda.<op>_<direction>."""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .. import backend as _backend
+
+
+def kernel(op: str, direction: str, device: torch.device, torch_impl):
+    name = _backend.resolve(op, device)
+    if name == "torch":
+        return torch_impl
+    if name == "triton":
+        module = importlib.import_module(f"mxd_fast.kernels.{op}")
+        return getattr(module, f"{op}_{direction}")
+    if name == "cuda":
+        return getattr(torch.ops.mxd_fast_cuda, f"{op}_{direction}")
+    raise AssertionError(name)

@@ -1,0 +1,56 @@
+"""K-sparse building blocks of the torch backend. None of them forms a [B, N] tensor."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+# Rows of a temporary [rows, K, D] gather kept under this many elements.
+_GATHER_BUDGET = 1 << 22
+
+
+def gather_combine(table: torch.Tensor, coeffs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """out[b] = sum_j coeffs[b, j] * table[indices[b, j]]: an embedding-bag. [B, K] -> [B, D]."""
+    if indices.shape[0] == 0:
+        return table.new_zeros(0, table.shape[1])
+    return F.embedding_bag(indices, table, per_sample_weights=coeffs.contiguous(), mode="sum")
+
+
+def gathered_dot(table: torch.Tensor, indices: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """out[b, j] = <dense[b], table[indices[b, j]]>. [B, K] -> [B, K], in chunks of tokens."""
+    B, K = indices.shape
+    D = table.shape[1]
+    out = torch.empty(B, K, dtype=dense.dtype, device=dense.device)
+    step = max(1, _GATHER_BUDGET // max(1, K * D))
+    for b0 in range(0, B, step):
+        rows = table[indices[b0:b0 + step]]                       # [b, K, D]
+        torch.bmm(rows, dense[b0:b0 + step].unsqueeze(-1), out=out[b0:b0 + step].unsqueeze(-1))
+    return out
+
+
+def scatter_rows(indices: torch.Tensor, coeffs: torch.Tensor, dense: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """out[n] = sum_{(b, j): indices[b, j] = n} coeffs[b, j] * dense[b]: the K-sparse row update of
+    a [n_rows, D] weight gradient, as a CSR [n_rows, B] x [B, D] product. Deterministic."""
+    B, K = indices.shape
+    D = dense.shape[1]
+    if B == 0:
+        return dense.new_zeros(n_rows, D)
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_rows)
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=flat.device)
+    torch.cumsum(counts, 0, out=crow[1:])
+    col = torch.div(order, K, rounding_mode="floor")
+    val = coeffs.reshape(-1)[order].to(dense.dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        sparse = torch.sparse_csr_tensor(crow, col, val, size=(n_rows, B), dtype=dense.dtype, device=dense.device,
+                                         check_invariants=False)
+    return torch.sparse.mm(sparse, dense.contiguous())
+
+
+def scatter_sum(indices: torch.Tensor, coeffs: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """out[n] = sum_{(b, j): indices[b, j] = n} coeffs[b, j]."""
+    out = coeffs.new_zeros(n_rows)
+    return out.index_add_(0, indices.reshape(-1), coeffs.reshape(-1))

@@ -1,0 +1,110 @@
+"""gather_combine(weight, values, indices) -> y[..., O] = sum_j values[..., j] * weight[indices[..., j]].
+
+The sparse decoder of a TopK SAE or transcoder, and the (a C) term of MxD. Its weight gradient is a
+K-sparse row update: no [B, N] intermediate is formed.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backend as _backend
+from .._utils import check_float, check_index, check_tensor, maybe_check_index_range
+from . import _sparse
+from ._dispatch import kernel
+
+
+def validate_selection(weight, values, indices, weight_name: str = "weight") -> None:
+    """Checks shared by every op that reads `weight[indices]` scaled by `values`."""
+    check_tensor(weight_name, weight, ndim=2)
+    check_tensor("values", values, min_ndim=1)
+    check_tensor("indices", indices, min_ndim=1)
+    check_float(weight_name, weight)
+    check_float("values", values, like=(weight_name, weight))
+    check_index("indices", indices, like=("values", values))
+    if values.shape != indices.shape:
+        raise ValueError(f"values and indices must have the same shape, got {tuple(values.shape)} "
+                         f"and {tuple(indices.shape)}")
+    if values.shape[-1] < 1:
+        raise ValueError("values and indices must select at least one expert (last dimension >= 1)")
+
+
+def flat_selection(op: str, values: Tensor, indices: Tensor, n: int, weight_name: str):
+    """[..., K] -> [B, K] values and int64 indices, checked against [0, n)."""
+    k = values.shape[-1]
+    indices = indices.reshape(-1, k)
+    maybe_check_index_range(op, "indices", indices, n, f"{weight_name}.shape[0]")
+    return values.reshape(-1, k), indices.to(torch.int64)
+
+
+# ---- torch backend -----------------------------------------------------------------------
+
+def gather_combine_torch_forward(weight: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+    return _sparse.gather_combine(weight, values, indices)
+
+
+def gather_combine_torch_backward(grad_y, weight, values, indices, need_weight: bool, need_values: bool,
+                                  deterministic: bool):
+    dweight = _sparse.scatter_rows(indices, values, grad_y, weight.shape[0]) if need_weight else None
+    dvalues = _sparse.gathered_dot(weight, indices, grad_y) if need_values else None
+    return dweight, dvalues
+
+
+# ---- custom ops --------------------------------------------------------------------------
+
+@torch.library.custom_op("mxd_fast::gather_combine", mutates_args=(), device_types=("cpu", "cuda"))
+def _gather_combine_op(weight: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+    validate_selection(weight, values, indices)
+    v, i = flat_selection("gather_combine", values, indices, weight.shape[0], "weight")
+    forward = kernel("gather_combine", "forward", weight.device, gather_combine_torch_forward)
+    return forward(weight, v, i).reshape(*values.shape[:-1], weight.shape[1])
+
+
+@_gather_combine_op.register_fake
+def _(weight, values, indices):
+    validate_selection(weight, values, indices)
+    return weight.new_empty(*values.shape[:-1], weight.shape[1])
+
+
+@torch.library.custom_op("mxd_fast::gather_combine_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def _gather_combine_backward_op(grad_y: Tensor, weight: Tensor, values: Tensor, indices: Tensor,
+                                need_weight: bool, need_values: bool) -> tuple[Tensor, Tensor]:
+    v, i = flat_selection("gather_combine", values, indices, weight.shape[0], "weight")
+    backward = kernel("gather_combine", "backward", weight.device, gather_combine_torch_backward)
+    dweight, dvalues = backward(grad_y.reshape(-1, weight.shape[1]), weight, v, i,
+                                need_weight, need_values, _backend.deterministic())
+    empty = weight.new_empty(0)
+    return (dweight if need_weight else empty, dvalues.reshape(values.shape) if need_values else empty)
+
+
+@_gather_combine_backward_op.register_fake
+def _(grad_y, weight, values, indices, need_weight, need_values):
+    empty = weight.new_empty(0)
+    return (weight.new_empty(weight.shape) if need_weight else empty,
+            values.new_empty(values.shape) if need_values else empty)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_y):
+    weight, values, indices = ctx.saved_tensors
+    need_weight, need_values = ctx.needs_input_grad[:2]
+    if not (need_weight or need_values):
+        return None, None, None
+    dweight, dvalues = torch.ops.mxd_fast.gather_combine_backward(grad_y, weight, values, indices,
+                                                                  need_weight, need_values)
+    return dweight if need_weight else None, dvalues if need_values else None, None
+
+
+_gather_combine_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gather_combine(weight: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+    """y[..., :] = sum_j values[..., j] * weight[indices[..., j], :].
+
+    weight: [N, O]; values: [..., K] (weight's dtype); indices: [..., K] int64 or int32 in [0, N).
+    Differentiable in weight and values.
+    """
+    return torch.ops.mxd_fast.gather_combine(weight, values, indices)

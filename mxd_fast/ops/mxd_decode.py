@@ -1,0 +1,140 @@
+"""mxd_decode(z, decoder, experts, values, indices, bias) -> (z @ decoder) * gather_combine(experts,
+values, indices) + bias: the output of an MxD layer, y = (aC) * (zD) + b.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backend as _backend
+from .._utils import check_float, check_tensor, flatten_leading
+from . import _sparse
+from ._dispatch import kernel
+from .gather_combine import flat_selection, validate_selection
+
+
+def _validate(z, decoder, experts, values, indices, bias):
+    check_tensor("z", z, min_ndim=1)
+    check_tensor("decoder", decoder, ndim=2)
+    check_float("z", z)
+    check_float("decoder", decoder, like=("z", z))
+    validate_selection(experts, values, indices, weight_name="experts")
+    check_float("experts", experts, like=("z", z))
+    if decoder.shape[0] != z.shape[-1]:
+        raise ValueError(f"decoder must have shape [{z.shape[-1]}, O] to match z's last dimension, "
+                         f"got {tuple(decoder.shape)}")
+    if experts.shape[1] != decoder.shape[1]:
+        raise ValueError(f"experts must have shape [N, {decoder.shape[1]}] to match decoder's output width, "
+                         f"got {tuple(experts.shape)}")
+    if values.shape[:-1] != z.shape[:-1]:
+        raise ValueError(f"values must have z's leading dimensions {tuple(z.shape[:-1])}, "
+                         f"got shape {tuple(values.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        check_float("bias", bias, like=("z", z))
+        if bias.shape[0] != decoder.shape[1]:
+            raise ValueError(f"bias must have shape [{decoder.shape[1]}] (O), got {tuple(bias.shape)}")
+
+
+# ---- torch backend -----------------------------------------------------------------------
+
+def mxd_decode_torch_forward(z, decoder, experts, values, indices, bias):
+    y = z @ decoder
+    y.mul_(_sparse.gather_combine(experts, values, indices))
+    if bias is not None:
+        y.add_(bias)
+    return y
+
+
+def mxd_decode_torch_backward(grad_y, z, decoder, experts, values, indices, need_z: bool, need_decoder: bool,
+                              need_experts: bool, need_values: bool, need_bias: bool, deterministic: bool):
+    dz = ddecoder = dexperts = dvalues = dbias = None
+    if need_z or need_decoder:
+        grad_h = grad_y * _sparse.gather_combine(experts, values, indices)
+        dz = grad_h @ decoder.T if need_z else None
+        ddecoder = z.T @ grad_h if need_decoder else None
+        del grad_h
+    if need_experts or need_values:
+        grad_c = grad_y * (z @ decoder)  # recomputed: (z @ decoder) is never kept between the passes
+        dexperts = _sparse.scatter_rows(indices, values, grad_c, experts.shape[0]) if need_experts else None
+        dvalues = _sparse.gathered_dot(experts, indices, grad_c) if need_values else None
+    if need_bias:
+        dbias = grad_y.sum(0)
+    return dz, ddecoder, dexperts, dvalues, dbias
+
+
+# ---- custom ops --------------------------------------------------------------------------
+
+@torch.library.custom_op("mxd_fast::mxd_decode", mutates_args=(), device_types=("cpu", "cuda"))
+def _mxd_decode_op(z: Tensor, decoder: Tensor, experts: Tensor, values: Tensor, indices: Tensor,
+                   bias: Optional[Tensor]) -> Tensor:
+    _validate(z, decoder, experts, values, indices, bias)
+    v, i = flat_selection("mxd_decode", values, indices, experts.shape[0], "experts")
+    forward = kernel("mxd_decode", "forward", z.device, mxd_decode_torch_forward)
+    y = forward(flatten_leading(z), decoder, experts, v, i, bias)
+    return y.reshape(*z.shape[:-1], decoder.shape[1])
+
+
+@_mxd_decode_op.register_fake
+def _(z, decoder, experts, values, indices, bias):
+    _validate(z, decoder, experts, values, indices, bias)
+    return z.new_empty(*z.shape[:-1], decoder.shape[1])
+
+
+@torch.library.custom_op("mxd_fast::mxd_decode_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def _mxd_decode_backward_op(grad_y: Tensor, z: Tensor, decoder: Tensor, experts: Tensor, values: Tensor,
+                            indices: Tensor, need_z: bool, need_decoder: bool, need_experts: bool,
+                            need_values: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    v, i = flat_selection("mxd_decode", values, indices, experts.shape[0], "experts")
+    backward = kernel("mxd_decode", "backward", z.device, mxd_decode_torch_backward)
+    grads = backward(grad_y.reshape(-1, decoder.shape[1]), flatten_leading(z), decoder, experts, v, i,
+                     need_z, need_decoder, need_experts, need_values, need_bias, _backend.deterministic())
+    dz, ddecoder, dexperts, dvalues, dbias = grads
+    empty = z.new_empty(0)
+    return (dz.reshape(z.shape) if need_z else empty,
+            ddecoder if need_decoder else empty,
+            dexperts if need_experts else empty,
+            dvalues.reshape(values.shape) if need_values else empty,
+            dbias if need_bias else empty)
+
+
+@_mxd_decode_backward_op.register_fake
+def _(grad_y, z, decoder, experts, values, indices, need_z, need_decoder, need_experts, need_values, need_bias):
+    empty = z.new_empty(0)
+    return (z.new_empty(z.shape) if need_z else empty,
+            decoder.new_empty(decoder.shape) if need_decoder else empty,
+            experts.new_empty(experts.shape) if need_experts else empty,
+            values.new_empty(values.shape) if need_values else empty,
+            decoder.new_empty(decoder.shape[1]) if need_bias else empty)
+
+
+def _setup_context(ctx, inputs, output):
+    z, decoder, experts, values, indices, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(z, decoder, experts, values, indices)
+
+
+def _backward(ctx, grad_y):
+    z, decoder, experts, values, indices = ctx.saved_tensors
+    need = list(ctx.needs_input_grad)
+    needs = (need[0], need[1], need[2], need[3], need[5] and ctx.has_bias)
+    if not any(needs):
+        return (None,) * 6
+    grads = torch.ops.mxd_fast.mxd_decode_backward(grad_y, z, decoder, experts, values, indices, *needs)
+    dz, ddecoder, dexperts, dvalues, dbias = (g if n else None for g, n in zip(grads, needs))
+    return dz, ddecoder, dexperts, dvalues, None, dbias
+
+
+_mxd_decode_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def mxd_decode(z: Tensor, decoder: Tensor, experts: Tensor, values: Tensor, indices: Tensor,
+               bias: Optional[Tensor]) -> Tensor:
+    """(z @ decoder) * gather_combine(experts, values, indices) + bias.
+
+    z: [..., H]; decoder: [H, O]; experts: [N, O]; values, indices: [..., K]; bias: [O] or None.
+    Differentiable in z, decoder, experts, values and bias.
+    """
+    return torch.ops.mxd_fast.mxd_decode(z, decoder, experts, values, indices, bias)

@@ -1,0 +1,153 @@
+"""topk_gate(x, weight, bias, k) -> (values, indices).
+
+values = the k largest entries of relu(x @ weight.T + bias), sorted descending; indices (int64) are
+the experts they belong to. Never forms the [B, N] logits of the whole batch: the torch backend
+streams over tiles of rows and experts and keeps a running top-k.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backend as _backend
+from .._utils import check_float, check_k, check_tensor, flatten_leading
+from . import _sparse
+from ._dispatch import kernel
+
+# Tile of the torch backend: logits of at most this many elements exist at once.
+_TILE_ELEMENTS = 1 << 20
+_TILE_EXPERTS = 4096
+
+
+def _validate(x, weight, bias, k):
+    check_tensor("x", x, min_ndim=1)
+    check_tensor("weight", weight, ndim=2)
+    check_float("x", x)
+    check_float("weight", weight, like=("x", x))
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight must have shape [N, {x.shape[-1]}] to match x's last dimension, "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        check_float("bias", bias, like=("x", x))
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have shape [{weight.shape[0]}] (N), got {tuple(bias.shape)}")
+    check_k(k, weight.shape[0], "N")
+
+
+# ---- torch backend -----------------------------------------------------------------------
+
+def _merge(run_v, run_i, v, i, k):
+    if run_v is None:
+        return v, i
+    v = torch.cat((run_v, v), dim=1)
+    i = torch.cat((run_i, i), dim=1)
+    keep = min(k, v.shape[1])
+    v, pos = v.topk(keep, dim=1, sorted=False)
+    return v, i.gather(1, pos)
+
+
+def topk_gate_torch_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int):
+    B = x.shape[0]
+    N = weight.shape[0]
+    values = torch.empty(B, k, dtype=x.dtype, device=x.device)
+    indices = torch.empty(B, k, dtype=torch.int64, device=x.device)
+    tile_n = min(N, max(_TILE_EXPERTS, k))
+    tile_b = max(1, _TILE_ELEMENTS // tile_n)
+    for b0 in range(0, B, tile_b):
+        xb = x[b0:b0 + tile_b]
+        run_v = run_i = None
+        for n0 in range(0, N, tile_n):
+            w = weight[n0:n0 + tile_n]
+            logits = xb @ w.T if bias is None else torch.addmm(bias[n0:n0 + tile_n], xb, w.T)
+            logits.relu_()
+            v, i = logits.topk(min(k, logits.shape[1]), dim=1, sorted=False)
+            run_v, run_i = _merge(run_v, run_i, v, i.add_(n0), k)
+        v, order = run_v.sort(dim=1, descending=True)
+        values[b0:b0 + tile_b] = v
+        torch.gather(run_i, 1, order, out=indices[b0:b0 + tile_b])
+    return values, indices
+
+
+def topk_gate_torch_backward(grad_values, x, weight, values, indices, need_x: bool, need_weight: bool,
+                             need_bias: bool, deterministic: bool):
+    # Only selected, positive logits carry gradient (relu mask).
+    grad_logits = torch.where(values > 0, grad_values, torch.zeros((), dtype=grad_values.dtype))
+    dx = _sparse.gather_combine(weight, grad_logits, indices) if need_x else None
+    dweight = _sparse.scatter_rows(indices, grad_logits, x, weight.shape[0]) if need_weight else None
+    dbias = _sparse.scatter_sum(indices, grad_logits, weight.shape[0]) if need_bias else None
+    return dx, dweight, dbias
+
+
+# ---- custom ops --------------------------------------------------------------------------
+
+@torch.library.custom_op("mxd_fast::topk_gate", mutates_args=(), device_types=("cpu", "cuda"))
+def _topk_gate_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int) -> tuple[Tensor, Tensor]:
+    _validate(x, weight, bias, k)
+    lead = x.shape[:-1]
+    forward = kernel("topk_gate", "forward", x.device, topk_gate_torch_forward)
+    values, indices = forward(flatten_leading(x), weight, bias, k)
+    return values.reshape(*lead, k), indices.reshape(*lead, k)
+
+
+@_topk_gate_op.register_fake
+def _(x, weight, bias, k):
+    _validate(x, weight, bias, k)
+    shape = (*x.shape[:-1], k)
+    return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("mxd_fast::topk_gate_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def _topk_gate_backward_op(grad_values: Tensor, x: Tensor, weight: Tensor, values: Tensor, indices: Tensor,
+                           need_x: bool, need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    k = values.shape[-1]
+    backward = kernel("topk_gate", "backward", x.device, topk_gate_torch_backward)
+    dx, dweight, dbias = backward(grad_values.reshape(-1, k), flatten_leading(x), weight,
+                                  values.reshape(-1, k), indices.reshape(-1, k),
+                                  need_x, need_weight, need_bias, _backend.deterministic())
+    empty = x.new_empty(0)
+    return (dx.reshape(x.shape) if need_x else empty,
+            dweight if need_weight else empty,
+            dbias if need_bias else empty)
+
+
+@_topk_gate_backward_op.register_fake
+def _(grad_values, x, weight, values, indices, need_x, need_weight, need_bias):
+    empty = x.new_empty(0)
+    return (x.new_empty(x.shape) if need_x else empty,
+            weight.new_empty(weight.shape) if need_weight else empty,
+            weight.new_empty(weight.shape[0]) if need_bias else empty)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, k = inputs
+    values, indices = output
+    ctx.mark_non_differentiable(indices)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, values, indices)
+
+
+def _backward(ctx, grad_values, grad_indices):
+    x, weight, values, indices = ctx.saved_tensors
+    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+    need_bias = need_bias and ctx.has_bias
+    if not (need_x or need_weight or need_bias):
+        return None, None, None, None
+    dx, dweight, dbias = torch.ops.mxd_fast.topk_gate_backward(
+        grad_values, x, weight, values, indices, need_x, need_weight, need_bias)
+    return (dx if need_x else None, dweight if need_weight else None, dbias if need_bias else None, None)
+
+
+_topk_gate_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def topk_gate(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int) -> tuple[Tensor, Tensor]:
+    """The k largest entries of relu(x @ weight.T + bias) per row of x, sorted descending.
+
+    x: [..., I]; weight: [N, I]; bias: [N] or None; 1 <= k <= N.
+    Returns values [..., k] in x's dtype and indices [..., k] (int64). Between equal values any of
+    the tied experts may be chosen. Differentiable in x, weight and bias through values.
+    """
+    return torch.ops.mxd_fast.topk_gate(x, weight, bias, k)
