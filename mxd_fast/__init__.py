@@ -3,12 +3,14 @@ from . import reference
 from .backend import BackendUnavailableError, available_backends, get_backend, use_backend, use_deterministic
 from .module import MxD, mxd_experts_for_budget
 from .ops import gather_combine, mxd_decode, topk_gate
+from .transcoder import TopKTranscoder
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
     "MxD",
+    "TopKTranscoder",
     "available_backends",
     "gather_combine",
     "get_backend",

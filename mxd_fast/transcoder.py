@@ -1,0 +1,60 @@
+"""TopK transcoder (and skip-transcoder): the baseline MxD is compared with, built on the same ops.
+
+y = gather_combine(W_dec, TopK(relu(x W_enc^T + b_enc))) + b_dec (+ x W_skip).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .module import _positive_int
+from .ops import gather_combine, topk_gate
+
+
+class TopKTranscoder(nn.Module):
+    """A TopK transcoder of `width` latents, k active per token; with skip=True a skip-transcoder."""
+
+    def __init__(self, d_in: int, width: int, d_out: int, k: int, skip: bool = False, device=None, dtype=None):
+        super().__init__()
+        for name, value in (("d_in", d_in), ("width", width), ("d_out", d_out), ("k", k)):
+            _positive_int(name, value)
+        if k > width:
+            raise ValueError(f"k must satisfy 1 <= k <= width = {width}, got k = {k}")
+        factory = {"device": device, "dtype": dtype}
+        self.d_in, self.width, self.d_out, self.k = d_in, width, d_out, k
+        self.encoder = nn.Linear(d_in, width, **factory)
+        self.decoder = nn.Parameter(torch.empty(width, d_out, **factory))
+        self.bias = nn.Parameter(torch.empty(d_out, **factory))
+        self.skip = nn.Linear(d_in, d_out, bias=False, **factory) if skip else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.encoder.reset_parameters()
+        self.encoder.bias.zero_()
+        bound = 1.0 / math.sqrt(self.width)
+        self.decoder.uniform_(-bound, bound)
+        self.bias.zero_()
+        if self.skip is not None:
+            self.skip.weight.zero_()
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, width={self.width}, d_out={self.d_out}, k={self.k}, skip={self.skip is not None}"
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"x must have last dimension d_in = {self.d_in}, got shape {tuple(x.shape)}")
+        return topk_gate(x, self.encoder.weight, self.encoder.bias, self.k)
+
+    def decode(self, x: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+        y = gather_combine(self.decoder, values, indices) + self.bias
+        return y if self.skip is None else y + self.skip(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        values, indices = self.encode(x)
+        return self.decode(x, values, indices)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
