@@ -2,7 +2,9 @@
 from . import reference
 from .backend import BackendUnavailableError, available_backends, get_backend, use_backend, use_deterministic
 from .module import MxD, mxd_experts_for_budget
-from .ops import gather_combine, mxd_decode, topk_gate
+from .ops.gather_combine import gather_combine
+from .ops.mxd_decode import mxd_decode
+from .ops.topk_gate import topk_gate
 from .transcoder import TopKTranscoder
 
 __version__ = "0.1.0"

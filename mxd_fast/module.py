@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import mxd_decode, topk_gate
+from .ops.mxd_decode import mxd_decode
+from .ops.topk_gate import topk_gate
 
 ACTIVATIONS = {
     "relu": F.relu,

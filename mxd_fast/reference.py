@@ -17,9 +17,10 @@ def topk_gate(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int) -> tupl
 
 
 def dense_coefficients(values: Tensor, indices: Tensor, n_experts: int) -> Tensor:
-    """The [..., N] expert coefficients `a`: zero except the selected entries."""
+    """The [..., N] expert coefficients `a`: zero except the selected entries (an expert selected
+    twice in a row gets the sum of its values)."""
     a = values.new_zeros(*values.shape[:-1], n_experts)
-    return a.scatter(-1, indices.long(), values)
+    return a.scatter_add(-1, indices.long(), values)
 
 
 def gather_combine(weight: Tensor, values: Tensor, indices: Tensor) -> Tensor:

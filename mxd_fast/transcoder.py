@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from .module import _positive_int
-from .ops import gather_combine, topk_gate
+from .ops.gather_combine import gather_combine
+from .ops.topk_gate import topk_gate
 
 
 class TopKTranscoder(nn.Module):

@@ -73,15 +73,15 @@ def _gather_combine_backward_op(grad_y: Tensor, weight: Tensor, values: Tensor, 
     backward = kernel("gather_combine", "backward", weight.device, gather_combine_torch_backward)
     dweight, dvalues = backward(grad_y.reshape(-1, weight.shape[1]), weight, v, i,
                                 need_weight, need_values, _backend.deterministic())
-    empty = weight.new_empty(0)
-    return (dweight if need_weight else empty, dvalues.reshape(values.shape) if need_values else empty)
+    empty = weight.new_empty  # a fresh placeholder per unneeded gradient (outputs must not alias)
+    return (dweight if need_weight else empty(0), dvalues.reshape(values.shape) if need_values else empty(0))
 
 
 @_gather_combine_backward_op.register_fake
 def _(grad_y, weight, values, indices, need_weight, need_values):
-    empty = weight.new_empty(0)
-    return (weight.new_empty(weight.shape) if need_weight else empty,
-            values.new_empty(values.shape) if need_values else empty)
+    empty = weight.new_empty  # a fresh placeholder per unneeded gradient (outputs must not alias)
+    return (weight.new_empty(weight.shape) if need_weight else empty(0),
+            values.new_empty(values.shape) if need_values else empty(0))
 
 
 def _setup_context(ctx, inputs, output):

@@ -92,22 +92,22 @@ def _mxd_decode_backward_op(grad_y: Tensor, z: Tensor, decoder: Tensor, experts:
     grads = backward(grad_y.reshape(-1, decoder.shape[1]), flatten_leading(z), decoder, experts, v, i,
                      need_z, need_decoder, need_experts, need_values, need_bias, _backend.deterministic())
     dz, ddecoder, dexperts, dvalues, dbias = grads
-    empty = z.new_empty(0)
-    return (dz.reshape(z.shape) if need_z else empty,
-            ddecoder if need_decoder else empty,
-            dexperts if need_experts else empty,
-            dvalues.reshape(values.shape) if need_values else empty,
-            dbias if need_bias else empty)
+    empty = z.new_empty  # a fresh placeholder per unneeded gradient (outputs must not alias)
+    return (dz.reshape(z.shape) if need_z else empty(0),
+            ddecoder if need_decoder else empty(0),
+            dexperts if need_experts else empty(0),
+            dvalues.reshape(values.shape) if need_values else empty(0),
+            dbias if need_bias else empty(0))
 
 
 @_mxd_decode_backward_op.register_fake
 def _(grad_y, z, decoder, experts, values, indices, need_z, need_decoder, need_experts, need_values, need_bias):
-    empty = z.new_empty(0)
-    return (z.new_empty(z.shape) if need_z else empty,
-            decoder.new_empty(decoder.shape) if need_decoder else empty,
-            experts.new_empty(experts.shape) if need_experts else empty,
-            values.new_empty(values.shape) if need_values else empty,
-            decoder.new_empty(decoder.shape[1]) if need_bias else empty)
+    empty = z.new_empty  # a fresh placeholder per unneeded gradient (outputs must not alias)
+    return (z.new_empty(z.shape) if need_z else empty(0),
+            decoder.new_empty(decoder.shape) if need_decoder else empty(0),
+            experts.new_empty(experts.shape) if need_experts else empty(0),
+            values.new_empty(values.shape) if need_values else empty(0),
+            decoder.new_empty(decoder.shape[1]) if need_bias else empty(0))
 
 
 def _setup_context(ctx, inputs, output):

@@ -107,18 +107,18 @@ def _topk_gate_backward_op(grad_values: Tensor, x: Tensor, weight: Tensor, value
     dx, dweight, dbias = backward(grad_values.reshape(-1, k), flatten_leading(x), weight,
                                   values.reshape(-1, k), indices.reshape(-1, k),
                                   need_x, need_weight, need_bias, _backend.deterministic())
-    empty = x.new_empty(0)
-    return (dx.reshape(x.shape) if need_x else empty,
-            dweight if need_weight else empty,
-            dbias if need_bias else empty)
+    empty = x.new_empty  # a fresh placeholder per unneeded gradient (outputs must not alias)
+    return (dx.reshape(x.shape) if need_x else empty(0),
+            dweight if need_weight else empty(0),
+            dbias if need_bias else empty(0))
 
 
 @_topk_gate_backward_op.register_fake
 def _(grad_values, x, weight, values, indices, need_x, need_weight, need_bias):
-    empty = x.new_empty(0)
-    return (x.new_empty(x.shape) if need_x else empty,
-            weight.new_empty(weight.shape) if need_weight else empty,
-            weight.new_empty(weight.shape[0]) if need_bias else empty)
+    empty = x.new_empty  # a fresh placeholder per unneeded gradient (outputs must not alias)
+    return (x.new_empty(x.shape) if need_x else empty(0),
+            weight.new_empty(weight.shape) if need_weight else empty(0),
+            weight.new_empty(weight.shape[0]) if need_bias else empty(0))
 
 
 def _setup_context(ctx, inputs, output):
