@@ -107,4 +107,5 @@ def gather_combine(weight: Tensor, values: Tensor, indices: Tensor) -> Tensor:
     weight: [N, O]; values: [..., K] (weight's dtype); indices: [..., K] int64 or int32 in [0, N).
     Differentiable in weight and values.
     """
+    validate_selection(weight, values, indices)
     return torch.ops.mxd_fast.gather_combine(weight, values, indices)

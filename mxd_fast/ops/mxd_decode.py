@@ -137,4 +137,5 @@ def mxd_decode(z: Tensor, decoder: Tensor, experts: Tensor, values: Tensor, indi
     z: [..., H]; decoder: [H, O]; experts: [N, O]; values, indices: [..., K]; bias: [O] or None.
     Differentiable in z, decoder, experts, values and bias.
     """
+    _validate(z, decoder, experts, values, indices, bias)
     return torch.ops.mxd_fast.mxd_decode(z, decoder, experts, values, indices, bias)

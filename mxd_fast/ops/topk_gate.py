@@ -150,4 +150,5 @@ def topk_gate(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int) -> tupl
     Returns values [..., k] in x's dtype and indices [..., k] (int64). Between equal values any of
     the tied experts may be chosen. Differentiable in x, weight and bias through values.
     """
+    _validate(x, weight, bias, k)
     return torch.ops.mxd_fast.topk_gate(x, weight, bias, k)

@@ -1,0 +1,108 @@
+"""Bad input gets a clear exception that names the argument, from the public functions and from
+torch.ops.mxd_fast.* alike."""
+import pytest
+import torch
+
+import mxd_fast
+
+f32, f64 = torch.float32, torch.float64
+
+
+def gate_args(**over):
+    args = dict(x=torch.randn(4, 6), weight=torch.randn(10, 6), bias=torch.randn(10), k=3)
+    args.update(over)
+    return args
+
+
+def gc_args(**over):
+    args = dict(weight=torch.randn(10, 5), values=torch.randn(4, 3), indices=torch.randint(0, 10, (4, 3)))
+    args.update(over)
+    return args
+
+
+def decode_args(**over):
+    args = dict(z=torch.randn(4, 7), decoder=torch.randn(7, 5), experts=torch.randn(10, 5), values=torch.randn(4, 3),
+                indices=torch.randint(0, 10, (4, 3)), bias=torch.randn(5))
+    args.update(over)
+    return args
+
+
+GATE_CASES = [
+    (dict(k=0), ValueError, "k"), (dict(k=11), ValueError, "k"), (dict(k=2.5), TypeError, "k"),
+    (dict(k=True), TypeError, "k"),
+    (dict(x=torch.randn(4, 5)), ValueError, "weight"), (dict(weight=torch.randn(10)), ValueError, "weight"),
+    (dict(x=torch.randint(0, 3, (4, 6))), TypeError, "x"), (dict(weight=torch.randn(10, 6, dtype=f64)), TypeError, "weight"),
+    (dict(bias=torch.randn(9)), ValueError, "bias"), (dict(bias=torch.randn(10, dtype=f64)), TypeError, "bias"),
+    (dict(x=[1.0, 2.0]), TypeError, "x"), (dict(x=torch.tensor(1.0)), ValueError, "x"),
+]
+GC_CASES = [
+    (dict(indices=torch.tensor([[0, 1, 10]] * 4)), IndexError, "indices"),
+    (dict(indices=torch.tensor([[0, -1, 2]] * 4)), IndexError, "indices"),
+    (dict(indices=torch.randint(0, 10, (4, 2))), ValueError, "values and indices"),
+    (dict(indices=torch.randint(0, 10, (4, 3)).float()), TypeError, "indices"),
+    (dict(values=torch.randn(4, 3, dtype=f64)), TypeError, "values"),
+    (dict(weight=torch.randn(10, 5, 1)), ValueError, "weight"),
+    (dict(values=torch.randn(4, 0), indices=torch.zeros(4, 0, dtype=torch.int64)), ValueError, "values"),
+]
+DECODE_CASES = [
+    (dict(decoder=torch.randn(6, 5)), ValueError, "decoder"), (dict(experts=torch.randn(10, 4)), ValueError, "experts"),
+    (dict(values=torch.randn(5, 3), indices=torch.randint(0, 10, (5, 3))), ValueError, "values"),
+    (dict(bias=torch.randn(4)), ValueError, "bias"), (dict(z=torch.randn(4, 7, dtype=f64)), TypeError, "decoder"),
+    (dict(indices=torch.full((4, 3), 10)), IndexError, "indices"),
+]
+
+
+@pytest.mark.parametrize("over,error,name", GATE_CASES)
+def test_topk_gate_errors(over, error, name):
+    with pytest.raises(error, match=name):
+        mxd_fast.topk_gate(**gate_args(**over))
+    args = gate_args(**over)
+    if isinstance(args["x"], torch.Tensor) and isinstance(args["k"], int) and not isinstance(args["k"], bool):
+        with pytest.raises(error, match=name):     # the registered op checks as much as its schema lets through
+            torch.ops.mxd_fast.topk_gate(*args.values())
+
+
+@pytest.mark.parametrize("over,error,name", GC_CASES)
+def test_gather_combine_errors(over, error, name):
+    with pytest.raises(error, match=name):
+        mxd_fast.gather_combine(**gc_args(**over))
+    with pytest.raises(error, match=name):
+        torch.ops.mxd_fast.gather_combine(*gc_args(**over).values())
+
+
+@pytest.mark.parametrize("over,error,name", DECODE_CASES)
+def test_mxd_decode_errors(over, error, name):
+    with pytest.raises(error, match=name):
+        mxd_fast.mxd_decode(**decode_args(**over))
+    with pytest.raises(error, match=name):
+        torch.ops.mxd_fast.mxd_decode(*decode_args(**over).values())
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend"):
+        with mxd_fast.use_backend("fastest"):
+            pass
+
+
+def test_environment_backend(monkeypatch):
+    monkeypatch.setenv("MXD_FAST_BACKEND", "torch")
+    assert mxd_fast.get_backend() == "torch"
+    monkeypatch.setenv("MXD_FAST_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="MXD_FAST_BACKEND"):
+        mxd_fast.topk_gate(**gate_args())
+
+
+def test_unavailable_backend_says_why(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with mxd_fast.use_backend("triton"):
+        with pytest.raises(mxd_fast.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+            mxd_fast.topk_gate(**gate_args())
+    with mxd_fast.use_backend("cuda"):
+        with pytest.raises(mxd_fast.BackendUnavailableError, match="CUDA"):
+            mxd_fast.gather_combine(**gc_args())
+
+
+def test_auto_is_torch_on_cpu():
+    from mxd_fast.backend import resolve
+    with mxd_fast.use_backend("auto"):
+        assert resolve("topk_gate", torch.device("cpu")) == "torch"

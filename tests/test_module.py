@@ -1,0 +1,131 @@
+"""The MxD layer and the TopK transcoder: reference agreement, the paper's recipe, steering, torch.compile."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mxd_fast
+from mxd_fast import reference
+
+
+def _layer(seed=0, **kw):
+    torch.manual_seed(seed)
+    args = dict(d_in=12, d_hidden=10, d_out=9, n_experts=40, k=5)
+    args.update(kw)
+    layer = mxd_fast.MxD(**args).double()
+    with torch.no_grad():                       # leave the zero init so every path carries signal
+        layer.decoder.normal_()
+        layer.bias.normal_()
+        if layer.skip is not None:
+            layer.skip.weight.normal_()
+    return layer
+
+
+def test_paper_initialisation():
+    layer = mxd_fast.MxD(16, 32, 8, 100, 4, skip=True)
+    torch.testing.assert_close(layer.experts.norm(dim=1), torch.ones(100))
+    assert torch.equal(layer.decoder, torch.zeros(32, 8)) and torch.equal(layer.bias, torch.zeros(8))
+    assert torch.equal(layer.gate.bias, torch.zeros(100)) and torch.equal(layer.skip.weight, torch.zeros(8, 16))
+    bound = 1 / 16 ** 0.5
+    assert layer.gate.weight.abs().max() <= bound
+    assert torch.equal(layer(torch.randn(3, 16)), torch.zeros(3, 8))
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", "sigmoid"])
+@pytest.mark.parametrize("glu,skip", [(False, False), (True, False), (False, True), (True, True)])
+def test_forward_and_gradients_match_reference(activation, glu, skip):
+    layer = _layer(activation=activation, glu=glu, skip=skip)
+    x = torch.randn(2, 7, 12, dtype=torch.float64)
+    dy = torch.randn(2, 7, 9, dtype=torch.float64)
+    y = layer(x)
+    (y * dy).sum().backward()
+    fast = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    y_ref = reference.mxd_forward(layer, x)
+    (y_ref * dy).sum().backward()
+    torch.testing.assert_close(y, y_ref)
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(fast[name], p.grad, msg=name)
+
+
+def test_gradients_of_experts_and_gate_are_k_sparse():
+    layer = _layer(n_experts=200, k=3)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    layer(x).sum().backward()
+    _, indices = layer.encode(x)[1:]
+    selected = torch.zeros(200, dtype=torch.bool)
+    selected[indices.reshape(-1)] = True
+    assert (layer.experts.grad[~selected] == 0).all() and (layer.gate.weight.grad[~selected] == 0).all()
+
+
+def test_steering_edits_the_coefficients():
+    layer = _layer()
+    x = torch.randn(6, 12, dtype=torch.float64)
+    z, values, indices = layer.encode(x)
+    extra = torch.full((6, 1), 7, dtype=torch.int64)          # an expert top-k may not have selected
+    steered = layer.decode(x, z, torch.cat([values * 0.5, torch.full((6, 1), 100.0, dtype=values.dtype)], 1),
+                           torch.cat([indices, extra], 1))
+    a = reference.dense_coefficients(values * 0.5, indices, 40)
+    a[:, 7] += 100.0
+    expected = (a @ layer.experts) * (z @ layer.decoder) + layer.bias
+    torch.testing.assert_close(steered, expected)
+
+
+def test_normalize_and_remove_parallel_gradient():
+    layer = _layer()
+    with torch.no_grad():
+        layer.experts.mul_(3.0)
+    layer.normalize_experts()
+    torch.testing.assert_close(layer.experts.norm(dim=1), torch.ones(40, dtype=torch.float64))
+    layer.experts.grad = torch.randn_like(layer.experts)
+    layer.remove_parallel_gradient()
+    torch.testing.assert_close((layer.experts.grad * layer.experts).sum(1), torch.zeros(40, dtype=torch.float64))
+
+
+def test_transcoder_matches_dense_form():
+    torch.manual_seed(1)
+    tc = mxd_fast.TopKTranscoder(12, 50, 9, 4, skip=True).double()
+    with torch.no_grad():
+        tc.skip.weight.normal_()
+    x = torch.randn(5, 12, dtype=torch.float64)
+    values, indices = reference.topk_gate(x, tc.encoder.weight, tc.encoder.bias, 4)
+    expected = reference.gather_combine(tc.decoder, values, indices) + tc.bias + x @ tc.skip.weight.T
+    torch.testing.assert_close(tc(x), expected)
+
+
+def test_parameter_budget_matches_paper():
+    # the paper's N for GPT-2 (21,490) and Pythia-1.4B (57,330), within the count of the biases
+    assert abs(mxd_fast.mxd_experts_for_budget(768, 3072, 768, 24576) - 21490) < 20
+    assert abs(mxd_fast.mxd_experts_for_budget(2048, 8192, 2048, 65536) - 57330) < 20
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_matches_eager(compile_backend):
+    torch._dynamo.reset()
+    layer = _layer(glu=True, skip=True).float()
+    x = torch.randn(3, 5, 12)
+    compiled = torch.compile(layer, backend=compile_backend, fullgraph=True)
+    y = compiled(x)
+    y.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    y_eager = layer(x)
+    y_eager.square().sum().backward()
+    torch.testing.assert_close(y, y_eager)
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, msg=name)
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    (dict(k=0), ValueError), (dict(k=41), ValueError), (dict(k=2.0), TypeError), (dict(d_in=0), ValueError),
+    (dict(activation="tanh"), ValueError), (dict(n_experts=True), TypeError),
+])
+def test_bad_arguments(kwargs, error):
+    args = dict(d_in=12, d_hidden=10, d_out=9, n_experts=40, k=5)
+    args.update(kwargs)
+    with pytest.raises(error, match=next(iter(kwargs))):
+        mxd_fast.MxD(**args)
+
+
+def test_wrong_input_width():
+    with pytest.raises(ValueError, match="d_in"):
+        _layer()(torch.randn(3, 11, dtype=torch.float64))
