@@ -80,10 +80,12 @@ def use_deterministic(flag: bool = True):
         _state.deterministic = previous
 
 
-def _triton_status(device: torch.device) -> str | None:
-    """None when Triton kernels can run on `device`, else the reason they cannot."""
+def _triton_status(device: torch.device, op: str | None) -> str | None:
+    """None when Triton kernels (of `op`, if given) can run on `device`, else the reason they cannot."""
     if importlib.util.find_spec("triton") is None:
         return "the triton package is not installed"
+    if op is not None and importlib.util.find_spec(f"mxd_fast.kernels.{op}") is None:
+        return f"there is no Triton kernel for {op}"
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET", "0") != "1":
             return ("Triton kernels on CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 "
@@ -94,23 +96,26 @@ def _triton_status(device: torch.device) -> str | None:
     return f"Triton kernels do not run on device type {device.type!r}"
 
 
-def _cuda_status(device: torch.device) -> str | None:
+def _cuda_status(device: torch.device, op: str | None) -> str | None:
     if device.type != "cuda":
         return f"the cuda backend needs CUDA tensors, got device {str(device)!r}"
     from . import _extension
 
     if not _extension.cuda_ops_loaded():
         return "the CUDA extension of mxd_fast is not built (install on a machine whose torch has CUDA)"
+    if op is not None and not hasattr(torch.ops.mxd_fast_cuda, f"{op}_forward"):
+        return f"the CUDA extension has no kernel for {op}"
     return None
 
 
-def unavailable_reason(name: str, device: torch.device) -> str | None:
+def unavailable_reason(name: str, device: torch.device, op: str | None = None) -> str | None:
+    """None when backend `name` can run (`op`, if given) on tensors of `device`, else why not."""
     if name == "torch":
         return None
     if name == "triton":
-        return _triton_status(device)
+        return _triton_status(device, op)
     if name == "cuda":
-        return _cuda_status(device)
+        return _cuda_status(device, op)
     raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {name!r}")
 
 
@@ -126,10 +131,10 @@ def resolve(op: str, device: torch.device) -> str:
         if device.type != "cuda":
             return "torch"
         for candidate in AUTO_PREFERENCE[op]:
-            if unavailable_reason(candidate, device) is None:
+            if unavailable_reason(candidate, device, op) is None:
                 return candidate
         return "torch"
-    reason = unavailable_reason(name, device)
+    reason = unavailable_reason(name, device, op)
     if reason is not None:
         raise BackendUnavailableError(f"mxd_fast backend {name!r} cannot run {op}: {reason}")
     return name

@@ -24,11 +24,13 @@ def backend_device(name: str) -> torch.device:
 
 @pytest.fixture(params=BACKEND_PARAMS)
 def backend(request):
-    """The backend name; the ops run under use_backend(name) and poison_outputs()."""
+    """The backend name; the ops run under use_backend(name) and poison_outputs(). Skipped where the
+    backend cannot run the module's OP."""
     name = request.param
     if name == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    reason = unavailable_reason(name, backend_device(name))
+    op = getattr(request.module, "OP", None)    # the op a test module covers, if one
+    reason = unavailable_reason(name, backend_device(name), op)
     if reason is not None:
         pytest.skip(reason)
     with mxd_fast.use_backend(name), poison_outputs():

@@ -5,6 +5,8 @@ import torch
 import mxd_fast
 from mxd_fast import reference
 
+OP = "gather_combine"
+
 SHAPES = [  # (leading dims, N, O, K)
     ((5,), 13, 7, 1),
     ((4,), 6, 9, 6),        # K = N

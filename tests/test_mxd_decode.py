@@ -5,6 +5,8 @@ import torch
 import mxd_fast
 from mxd_fast import reference
 
+OP = "mxd_decode"
+
 SHAPES = [  # (leading dims, H, O, N, K)
     ((5,), 6, 7, 13, 1),
     ((4,), 5, 3, 6, 6),        # K = N

@@ -6,6 +6,8 @@ import mxd_fast
 from mxd_fast import reference
 from conftest import tolerance
 
+OP = "topk_gate"
+
 SHAPES = [  # (leading dims, I, N, k)
     ((5,), 7, 13, 1),
     ((5,), 7, 13, 13),      # k = N
