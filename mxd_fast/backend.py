@@ -84,16 +84,15 @@ def _triton_status(device: torch.device, op: str | None) -> str | None:
     """None when Triton kernels (of `op`, if given) can run on `device`, else the reason they cannot."""
     if importlib.util.find_spec("triton") is None:
         return "the triton package is not installed"
-    if op is not None and importlib.util.find_spec(f"mxd_fast.kernels.{op}") is None:
-        return f"there is no Triton kernel for {op}"
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET", "0") != "1":
             return ("Triton kernels on CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 "
                     "before triton is imported")
-        return None
-    if device.type == "cuda":
-        return None
-    return f"Triton kernels do not run on device type {device.type!r}"
+    elif device.type != "cuda":
+        return f"Triton kernels do not run on device type {device.type!r}"
+    if op is not None and importlib.util.find_spec(f"mxd_fast.kernels.{op}") is None:
+        return f"there is no Triton kernel for {op}"
+    return None
 
 
 def _cuda_status(device: torch.device, op: str | None) -> str | None:
