@@ -69,14 +69,21 @@ def test_layer_matches_reference(backend, device, problem):
         torch.testing.assert_close(g_fast[name], g_ref[name], **tol, msg=name)
 
 
-def test_nan_in_input_propagates_like_reference():
-    x = torch.randn(4, 6)
-    w = torch.randn(20, 6)
+def test_nan_and_inf_propagate_like_reference(backend, device):
+    """Policy: NaN counts as the largest logit (as in torch.topk), so it is selected, never dropped,
+    and poisons that token's outputs; +Inf is selected like any large value."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, generator=g).to(device)
+    w = torch.randn(20, 6, generator=g).to(device)
     x[1, 2] = float("nan")
+    w[7] = 0.0
     w[7, 0] = float("inf")
+    x[:, 0] = -1.0
+    x[2, 0] = 1.0
     values, indices = mxd_fast.topk_gate(x, w, None, 3)
     ref_values, ref_indices = reference.topk_gate(x, w, None, 3)
     torch.testing.assert_close(values, ref_values, equal_nan=True)
     assert torch.isnan(values[1]).all(), "a NaN logit must be selected, never dropped"
-    y = mxd_fast.gather_combine(torch.randn(20, 5), values, indices)
-    assert torch.isnan(y[1]).all()
+    assert values[2, 0] == float("inf") and indices[2, 0] == 7
+    y = mxd_fast.gather_combine(torch.randn(20, 5, generator=g).to(device), values, indices)
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[0]).all()
