@@ -43,10 +43,10 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 # ---- embedding bag -----------------------------------------------------------------------
 
 @triton.jit
-def _embedding_bag_kernel(table_ptr, coeff_ptr, idx_ptr, scale_ptr, out_ptr,
+def _embedding_bag_kernel(table_ptr, coeff_ptr, idx_ptr, scale_ptr, bias_ptr, out_ptr,
                           N, D, K,
-                          s_tn, s_td, s_cb, s_ck, s_ib, s_ik, s_sb, s_sd, s_ob, s_od,
-                          HAS_SCALE: tl.constexpr, ACC: tl.constexpr,
+                          s_tn, s_td, s_cb, s_ck, s_ib, s_ik, s_sb, s_sd, s_bias, s_ob, s_od,
+                          HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
                           BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program per (token, column tile); BLOCK_J rows of the table are gathered per step.
     b = tl.program_id(0).to(tl.int64)
@@ -66,17 +66,22 @@ def _embedding_bag_kernel(table_ptr, coeff_ptr, idx_ptr, scale_ptr, out_ptr,
         acc += tl.sum(rows * c[:, None], axis=0)
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + b * s_sb + rd * s_sd, mask=md, other=0).to(ACC)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rd * s_bias, mask=md, other=0).to(ACC)
     tl.store(out_ptr + b * s_ob + rd * s_od, acc.to(out_ptr.dtype.element_ty), mask=md)
 
 
-def embedding_bag(table: Tensor, coeffs: Tensor, indices: Tensor, scale: Optional[Tensor] = None) -> Tensor:
+def embedding_bag(table: Tensor, coeffs: Tensor, indices: Tensor, scale: Optional[Tensor] = None,
+                  bias: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
     """out[b] = sum_j coeffs[b, j] * table[indices[b, j]]  ([N, D], [B, K], [B, K] -> [B, D], table's dtype).
 
-    With `scale` ([B, D]) the result is multiplied elementwise by it before the single rounding
-    to the output dtype (the backward of MxD uses it for grad_y * (a C))."""
+    Optional epilogue, applied before the single rounding to the output dtype: multiply elementwise
+    by `scale` ([B, D]), then add `bias` ([D]). `out` ([B, D], table's dtype) receives the result
+    and may be `scale` itself (each element is read before it is written by the same program)."""
     B, K = indices.shape
     N, D = table.shape
-    out = new_empty((B, D), table.dtype, table.device)
+    if out is None:
+        out = new_empty((B, D), table.dtype, table.device)
     if B == 0 or D == 0:
         return out
     if table.is_cuda:
@@ -84,12 +89,14 @@ def embedding_bag(table: Tensor, coeffs: Tensor, indices: Tensor, scale: Optiona
     else:
         block_d, block_j, warps = _pow2(D, 16, 32), _pow2(K, 1, 4), 1
     s = scale if scale is not None else out
+    bias_t = bias if bias is not None else out
     grid = (B, triton.cdiv(D, block_d))
     _embedding_bag_kernel[grid](
-        table, coeffs, indices, s, out, N, D, K,
+        table, coeffs, indices, s, bias_t, out, N, D, K,
         table.stride(0), table.stride(1), coeffs.stride(0), coeffs.stride(1),
-        indices.stride(0), indices.stride(1), s.stride(0), s.stride(1), out.stride(0), out.stride(1),
-        HAS_SCALE=scale is not None, ACC=_acc_dtype(table.dtype),
+        indices.stride(0), indices.stride(1), s.stride(0), s.stride(1),
+        bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
+        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, ACC=_acc_dtype(table.dtype),
         BLOCK_J=block_j, BLOCK_D=block_d, num_warps=warps)
     return out
 

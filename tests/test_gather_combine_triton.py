@@ -102,6 +102,11 @@ def test_embedding_bag_scale_and_strides(dev, dtype):
     close(out, ref_embedding_bag(table, vals, idx) * scale.double(), dtype)
     ones = torch.ones(1, 1, dtype=dtype, device=dev).expand(B, D)     # stride-0 scale
     close(gck.embedding_bag(table, vals, idx, scale=ones), ref_embedding_bag(table, vals, idx), dtype)
+    bias = torch.randn(2 * D, generator=g).to(dev, dtype)[::2]
+    buf = scale.clone()                                                 # in place: out is scale
+    res = gck.embedding_bag(table, vals, idx, scale=buf, bias=bias, out=buf)
+    assert res.data_ptr() == buf.data_ptr()
+    close(res, ref_embedding_bag(table, vals, idx) * scale.double() + bias.double(), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
