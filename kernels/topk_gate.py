@@ -1,0 +1,339 @@
+"""Triton kernels of topk_gate: relu(x @ weight.T + bias) and its exact top-k, fused.
+
+Forward
+-------
+One program owns BLOCK_B rows of x and one contiguous chunk of the experts (N). It walks its chunk
+in tiles of BLOCK_N experts; for each tile it computes the [BLOCK_B, BLOCK_N] logits with tl.dot
+over I (fp32 accumulation), adds the bias, applies relu and merges the tile into a running top-k
+held in registers. The [B, N] logits never reach global memory.
+
+Every logit is packed with its expert index into one int64 key that sorts like the value:
+
+    key = (bits(relu(logit)) << 32) | n
+
+relu(logit) >= 0, so the float32 bit pattern read as an int32 orders like the value; NaN is given
+the largest pattern (0x7FFFFFFF) so that it ranks above +inf, like torch.topk. Keys are distinct
+(the index breaks ties), which makes every selection below exact and deterministic.
+
+The running top-k is an unsorted set of K_PAD keys per row (K_PAD = next power of two >= k); the
+K_PAD - k surplus slots hold a sentinel larger than any key, so the row's minimum is its k-th
+largest key: the threshold. Per tile:
+  1. one int32 comparison per logit against the row's threshold finds the candidates; a tile in
+     which no row of the block has one costs nothing more (the common case after the first tiles);
+  2. few candidates (the steady state): as many rounds as the largest candidate count of a row in
+     the block; a round moves each row's largest remaining candidate into the slot of its minimum;
+  3. many candidates (the first tiles of a chunk): a bitonic merge: tl.topk of the tile's
+     candidates (sorted), the running set sorted, and their element-wise maximum after flipping one
+     of them is the top-K_PAD of the union.
+At the end the set is sorted. With one chunk (SPLIT = 1) the program writes values and indices;
+otherwise it writes its sorted keys to a [SPLIT, B, K_PAD] workspace and a second, small kernel
+merges the SPLIT sorted lists of every row (max with the flipped list, then a bitonic merge).
+Splitting N keeps the GPU busy when B is small; each chunk restarts its threshold, so the split is
+kept as small as the occupancy allows.
+
+fp64 inputs, k > MAX_K and N >= 2**31 fall back to the torch backend's tiled implementation.
+
+Backward
+--------
+grad_logits = where(values > 0, grad_values, 0) (the relu mask); dx is an embedding-bag of the
+selected rows of weight, dweight and dbias are K-sparse row scatters; the building blocks live in
+kernels/gather_combine.py.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from mxd_fast._utils import new_empty
+
+# Largest k handled in registers; larger k uses the torch backend's tiled path.
+MAX_K = 256
+
+_KEY_MIN = tl.constexpr(-(1 << 63))
+_KEY_MAX = tl.constexpr((1 << 63) - 1)
+# Bits of a NaN logit: above every other (non-negative) float32 pattern, including +inf.
+_NAN_BITS = tl.constexpr(0x7FFFFFFF)
+
+
+@triton.jit
+def _tile_bits(x_ptr, w_ptr, b_ptr, rows64, row_ok, n0, N, I,
+               stride_xb, stride_xi, stride_wn, stride_wi, stride_bn,
+               HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """The [BLOCK_B, BLOCK_N] relu'd logits of experts n0 .. n0 + BLOCK_N as int32 float bits
+    (NaN -> 0x7FFFFFFF, -0.0 -> 0, masked rows and columns -> -1), and the int32 column indices."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    cols64 = cols.to(tl.int64)
+    ii = tl.arange(0, BLOCK_I)
+    x_rows = x_ptr + rows64[:, None] * stride_xb
+    w_cols = w_ptr + cols64[None, :] * stride_wn
+    acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+    for i0 in range(0, I, BLOCK_I):
+        i = i0 + ii
+        i_ok = i < I
+        i64 = i.to(tl.int64)
+        xt = tl.load(x_rows + i64[None, :] * stride_xi, mask=row_ok[:, None] & i_ok[None, :], other=0.0)
+        wt = tl.load(w_cols + i64[:, None] * stride_wi, mask=i_ok[:, None] & col_ok[None, :], other=0.0)
+        if DOT_UPCAST:  # the CPU interpreter's tl.dot mishandles bfloat16
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(xt, wt, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cols64 * stride_bn, mask=col_ok, other=0.0)
+        acc = acc + bias.to(tl.float32)[None, :]
+    bits = acc.to(tl.int32, bitcast=True)
+    # relu (also maps -0.0 to +0.0); NaN fails both comparisons and gets the top pattern.
+    bits = tl.where(acc <= 0.0, 0, bits)
+    bits = tl.where(acc != acc, _NAN_BITS, bits)
+    bits = tl.where(row_ok[:, None] & col_ok[None, :], bits, -1)
+    return bits, cols
+
+
+@triton.jit
+def _topk_gate_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, val_ptr, idx_ptr, ws_ptr,
+    B, N, I, SPLIT,
+    stride_xb, stride_xi, stride_wn, stride_wi, stride_bn,
+    B_BUCKET,  # autotuning key only
+    K: tl.constexpr, K_PAD: tl.constexpr, FULL_MERGE_AT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    TO_WORKSPACE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, FULL_MERGE: tl.constexpr,
+):
+    tl.static_assert(K_PAD <= BLOCK_N or not FULL_MERGE, "the full merge needs BLOCK_N >= K_PAD")
+    pid_b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    tiles_per_split = tl.cdiv(n_tiles, SPLIT)
+    t_begin = pid_s * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
+
+    # Running set: k distinct keys below every real key, then the sentinels.
+    slots = tl.arange(0, K_PAD)
+    init = tl.where(slots < K, -(slots.to(tl.int64) + 1), _KEY_MAX)
+    run = tl.broadcast_to(init[None, :], [BLOCK_B, K_PAD])
+
+    low = tl.min(run, axis=1)  # the k-th largest key of each row
+    thr = (low >> 32).to(tl.int32)  # ... and its value bits
+    for t in range(t_begin, t_end):
+        bits, cols = _tile_bits(x_ptr, w_ptr, b_ptr, rows64, row_ok, t * BLOCK_N, N, I,
+                                stride_xb, stride_xi, stride_wn, stride_wi, stride_bn,
+                                HAS_BIAS, BLOCK_B, BLOCK_N, BLOCK_I, DOT_PRECISION, DOT_UPCAST)
+        # A logit equal to the threshold value may be dropped: between equal values any is fine.
+        cand = bits > thr[:, None]
+        count = tl.max(tl.sum(cand.to(tl.int32), axis=1), axis=0)
+        if count > 0:
+            if FULL_MERGE and count > FULL_MERGE_AT:
+                key = (bits.to(tl.int64) << 32) | cols.to(tl.int64)[None, :]
+                top = tl.topk(tl.where(cand, key, _KEY_MIN), K_PAD)
+                run = tl.maximum(tl.sort(run, descending=True), tl.flip(top, 1))
+                low = tl.min(run, axis=1)
+            else:
+                # One round moves each row's largest remaining candidate into the slot of the row's
+                # smallest key (int32 work on the tile: value bits, then the largest column among
+                # the maxima, which also identifies the element to retire).
+                for _ in range(count):
+                    best_bits = tl.max(tl.where(cand, bits, -1), axis=1)
+                    best_col = tl.max(tl.where(cand & (bits == best_bits[:, None]), cols[None, :], -1), axis=1)
+                    best = (best_bits.to(tl.int64) << 32) | best_col.to(tl.int64)
+                    take = (best_col >= 0) & (best > low)
+                    run = tl.where((run == low[:, None]) & take[:, None], best[:, None], run)
+                    low = tl.min(run, axis=1)
+                    cand = cand & (cols[None, :] != best_col[:, None])
+            thr = (low >> 32).to(tl.int32)
+
+    run = tl.where(run == _KEY_MAX, _KEY_MIN, run)
+    run = tl.sort(run, descending=True)
+    if TO_WORKSPACE:
+        ws = ws_ptr + (pid_s.to(tl.int64) * B + rows64[:, None]) * K_PAD + slots[None, :]
+        tl.store(ws, run, mask=row_ok[:, None])
+    else:
+        _store_keys(val_ptr, idx_ptr, run, rows64, row_ok, slots, K)
+
+
+@triton.jit
+def _store_keys(val_ptr, idx_ptr, keys, rows64, row_ok, slots, K: tl.constexpr):
+    bits = (keys >> 32).to(tl.int32)
+    values = bits.to(tl.float32, bitcast=True)
+    index = keys & 0xFFFFFFFF
+    off = rows64[:, None] * K + slots[None, :]
+    mask = row_ok[:, None] & (slots < K)[None, :]
+    tl.store(val_ptr + off, values.to(val_ptr.dtype.element_ty), mask=mask)
+    tl.store(idx_ptr + off, index, mask=mask)
+
+
+@triton.jit
+def _topk_gate_merge_kernel(ws_ptr, val_ptr, idx_ptr, B, SPLIT, split_stride,
+                            K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Top-k of the SPLIT sorted key lists of each row: max with the flipped list keeps the top
+    K_PAD of the union as a bitonic sequence, a bitonic merge sorts it again."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    slots = tl.arange(0, K_PAD)
+    ptrs = ws_ptr + rows64[:, None] * K_PAD + slots[None, :]
+    run = tl.load(ptrs, mask=row_ok[:, None], other=_KEY_MIN)
+    for _ in range(1, SPLIT):
+        ptrs += split_stride
+        part = tl.load(ptrs, mask=row_ok[:, None], other=_KEY_MIN)
+        run = tl.maximum(run, tl.flip(part, 1))
+        run = tl.bitonic_merge(run, descending=True)
+    _store_keys(val_ptr, idx_ptr, run, rows64, row_ok, slots, K)
+
+
+# ---- configuration -----------------------------------------------------------------------
+
+# (BLOCK_B, BLOCK_N, BLOCK_I, num_warps, num_stages, FULL_MERGE) for Hopper-class GPUs. The
+# running set costs BLOCK_B * K_PAD int64 registers, so large k wants few rows per program.
+_CUDA_CONFIGS = [
+    (64, 128, 64, 4, 4, False), (64, 128, 64, 8, 3, False), (128, 128, 64, 8, 3, False),
+    (64, 64, 128, 4, 4, False), (128, 64, 64, 4, 4, False), (64, 256, 64, 8, 3, False),
+    (32, 128, 64, 4, 4, False), (16, 128, 128, 4, 3, False),
+    (64, 128, 64, 8, 3, True), (32, 256, 64, 8, 3, True), (16, 256, 64, 4, 3, True),
+]
+
+
+def _cuda_configs():
+    return [triton.Config(dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_I=bi, FULL_MERGE=fm), num_warps=w, num_stages=st)
+            for bb, bn, bi, w, st, fm in _CUDA_CONFIGS]
+
+
+def _fits(cfg: dict, k_pad: int, num_warps: int) -> bool:
+    if cfg["FULL_MERGE"] and cfg["BLOCK_N"] < k_pad:
+        return False
+    # int64 running set: 2 * BLOCK_B * K_PAD / threads registers per thread; keep it under 64.
+    return 2 * cfg["BLOCK_B"] * k_pad <= 64 * 32 * num_warps
+
+
+def _prune(configs, named_args, **kwargs):
+    k_pad = kwargs["K_PAD"]
+    ok = [c for c in configs if _fits(c.kwargs, k_pad, c.num_warps)]
+    return ok or [min(configs, key=lambda c: c.kwargs["BLOCK_B"] * (not c.kwargs["FULL_MERGE"]) or 1 << 30)]
+
+
+_tuned_fwd_kernel = triton.autotune(
+    configs=_cuda_configs(), key=["I", "N", "K", "HAS_BIAS", "SPLIT", "B_BUCKET"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_topk_gate_fwd_kernel)
+
+# One small configuration for the CPU interpreter (autotuning there is slow and meaningless).
+_INTERPRETER_CONFIG = dict(BLOCK_B=16, BLOCK_N=32, BLOCK_I=16, FULL_MERGE=True)
+# Programs the split over N aims for on a GPU, per streaming multiprocessor.
+_PROGRAMS_PER_SM = 1
+# Smallest chunk of experts worth a split of its own: every chunk pays again for filling its
+# running top-k before the threshold filters well.
+_MIN_SPLIT_EXPERTS = 4096
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _full_merge_at(k_pad: int) -> int:
+    """Candidate count of a tile above which one bitonic merge (tl.topk over the tile: about
+    log2(K_PAD) * (log2(K_PAD) + 3) / 2 compare-exchange passes) is cheaper than that many rounds
+    (one pass each)."""
+    log_k = k_pad.bit_length() - 1
+    return log_k * (log_k + 3) // 2
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype != torch.float32:
+        return "tf32"  # only read for float32 inputs
+    # fp32 follows torch's matmul precision setting: tf32 only where torch allows it.
+    return "tf32" if torch.get_float32_matmul_precision() != "highest" else "tf32x3"
+
+
+def _choose_split(B: int, N: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    row_blocks = triton.cdiv(B, 64)
+    want = triton.cdiv(_PROGRAMS_PER_SM * sms, row_blocks)
+    return max(1, min(want, N // _MIN_SPLIT_EXPERTS, 64))
+
+
+def _forward(x, weight, bias, k, split=None, config=None):
+    B, I = x.shape
+    N = weight.shape[0]
+    device = x.device
+    values = new_empty((B, k), x.dtype, device)
+    indices = new_empty((B, k), torch.int64, device)
+    if B == 0:
+        return values, indices
+    k_pad = _next_pow2(k)
+    if split is None:
+        split = _choose_split(B, N, device)
+    split = max(1, min(split, N))
+    to_ws = split > 1
+    ws = torch.empty((split, B, k_pad) if to_ws else (1,), dtype=torch.int64, device=device)
+    has_bias = bias is not None
+    b_arg = bias if has_bias else x
+    b_stride = bias.stride(0) if has_bias else 0
+    args = (x, weight, b_arg, values, indices, ws, B, N, I, split,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), b_stride,
+            min(_next_pow2(B), 4096))
+    meta = dict(K=k, K_PAD=k_pad, FULL_MERGE_AT=_full_merge_at(k_pad), HAS_BIAS=has_bias, TO_WORKSPACE=to_ws,
+                DOT_PRECISION=_dot_precision(x.dtype), DOT_UPCAST=device.type != "cuda")
+    if config is None and device.type == "cuda":
+        grid = lambda m: (triton.cdiv(B, m["BLOCK_B"]), split)  # noqa: E731
+        _tuned_fwd_kernel[grid](*args, **meta)
+    else:
+        cfg = dict(_INTERPRETER_CONFIG, **(config or {}))
+        if cfg["FULL_MERGE"]:
+            cfg["BLOCK_N"] = max(cfg["BLOCK_N"], k_pad)
+        num_warps = cfg.pop("num_warps", 4)
+        num_stages = cfg.pop("num_stages", 3)
+        grid = (triton.cdiv(B, cfg["BLOCK_B"]), split)
+        _topk_gate_fwd_kernel[grid](*args, **meta, **cfg, num_warps=num_warps, num_stages=num_stages)
+    if to_ws:
+        block_b = 16 if k_pad <= 64 else 8 if device.type == "cuda" else 16
+        _topk_gate_merge_kernel[(triton.cdiv(B, block_b),)](ws, values, indices, B, split, B * k_pad,
+                                                             K=k, K_PAD=k_pad, BLOCK_B=block_b)
+    return values, indices
+
+
+def topk_gate_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], k: int):
+    """(values [B, k] sorted descending, indices [B, k] int64) of relu(x @ weight.T + bias)."""
+    N = weight.shape[0]
+    if x.dtype == torch.float64 or k > MAX_K or N >= 2 ** 31:
+        from mxd_fast.ops.topk_gate import topk_gate_torch_forward
+
+        return topk_gate_torch_forward(x, weight, bias, k)
+    return _forward(x, weight, bias, k)
+
+
+# ---- backward ----------------------------------------------------------------------------
+
+def topk_gate_backward(grad_values, x, weight, values, indices, need_x: bool, need_weight: bool,
+                       need_bias: bool, deterministic: bool):
+    from .gather_combine import embedding_bag, scatter_rows, scatter_sum
+
+    B, I = x.shape
+    N = weight.shape[0]
+    device = x.device
+    # Only selected, positive logits carry gradient (relu mask; NaN carries none).
+    grad_logits = torch.where(values > 0, grad_values, torch.zeros((), dtype=grad_values.dtype, device=device))
+    dx = dweight = dbias = None
+    if B == 0:
+        if need_x:
+            dx = new_empty((0, I), x.dtype, device)
+        if need_weight:
+            dweight = new_empty((N, I), weight.dtype, device).zero_()
+        if need_bias:
+            dbias = new_empty((N,), weight.dtype, device).zero_()
+        return dx, dweight, dbias
+    if need_x:
+        dx = embedding_bag(weight, grad_logits, indices)
+    if need_weight:
+        dweight = scatter_rows(indices, grad_logits, x, N, deterministic)
+    if need_bias:
+        dbias = scatter_sum(indices, grad_logits, N, deterministic)
+    return dx, dweight, dbias
