@@ -1,0 +1,246 @@
+"""python -m bench: run the benchmark suite, print a table, write JSON and a plot.
+
+Examples
+  python -m bench                                  # default suite on the best device present
+  python -m bench --quick                          # small shapes, few repetitions (a check that it works)
+  python -m bench --ops train --shapes gpt2:T=2048 --providers reference,torch
+  python -m bench --ops gather_combine --shapes sweep-k --modes fwd+bwd
+  python -m bench --shapes paper --dtype bf16 --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import math
+import os
+import sys
+
+import torch
+
+from . import cases as C
+from . import report, shapes as S, timing as T
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16, "fp64": torch.float64, "float64": torch.float64}
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+MEMORY_FRACTION = 0.9      # skip a case whose estimated memory exceeds this share of the free memory
+MAX_COPIES = 8             # inputs rotate over at most this many copies
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    op: str
+    mode: str
+    shape: S.Shape
+
+
+def default_jobs(device_type: str, quick: bool) -> list[Job]:
+    """The default suite. CPU: scaled down to finish in a few minutes on two cores, with the GPT-2
+    training step at 2048 tokens. GPU: the paper's four shapes at 4096 tokens, K = 32, and sweeps
+    over K, N and tokens around Pythia-1.4B."""
+    jobs: list[Job] = []
+
+    def ops_on(shapes, modes=C.OP_MODES):
+        for s in shapes:
+            for op in C.OPS[:3]:
+                for mode in modes:
+                    jobs.append(Job(op, mode, s))
+
+    if quick:
+        ops_on([S.parse_shape("small:T=256")])
+        ops_on([dataclasses.replace(s, sweep="K") for s in S.sweep("K", S.parse_shape("small:T=128"))[:3]],
+               ("fwd+bwd",))
+        jobs.append(Job("train", C.TRAIN_MODE, S.parse_shape("small:T=256")))
+    elif device_type == "cuda":
+        base = S.PAPER["pythia-1.4b"]
+        ops_on(S.PAPER.values())
+        ops_on(S.sweep("K", base) + S.sweep("N", base) + S.sweep("T", base))
+        jobs += [Job("train", C.TRAIN_MODE, s) for s in S.PAPER.values()]
+    else:
+        ops_on([S.parse_shape("gpt2:T=512")])
+        ops_on(S.cpu_scaled("K") + S.cpu_scaled("N"), ("fwd+bwd",))
+        jobs.append(Job("train", C.TRAIN_MODE, S.parse_shape("gpt2:T=2048")))
+    return jobs
+
+
+def select_jobs(args, device_type: str) -> list[Job]:
+    ops = args.ops.split(",") if args.ops else None
+    modes = args.modes.split(",") if args.modes else None
+    for op in ops or ():
+        if op not in C.OPS:
+            raise SystemExit(f"unknown op {op!r}; known: {', '.join(C.OPS)}")
+    if args.shapes:
+        shapes = S.resolve(args.shapes.split(","), device_type)
+        jobs = [Job(op, mode, s) for s in shapes for op in (ops or C.OPS) for mode in C.modes_for(op)]
+    else:
+        jobs = [j for j in default_jobs(device_type, args.quick) if ops is None or j.op in ops]
+    if modes:
+        jobs = [j for j in jobs if j.mode in modes]
+    return jobs
+
+
+def providers_for(op: str, device: torch.device, requested: list[str] | None) -> tuple[list[str], dict]:
+    """(providers to run, {provider: why it cannot run}). Without a request: every provider that runs
+    on the device, except Triton on CPU (the interpreter is far too slow to time)."""
+    run, missing = [], {}
+    for p in C.all_providers(op):
+        if requested is not None and p not in requested:
+            continue
+        reason = C.provider_unavailable(p, device)
+        if reason is None and requested is None and p == "triton" and device.type == "cpu":
+            reason = "the Triton interpreter on CPU is not timed unless asked for (--providers triton)"
+        if reason is not None:
+            missing[p] = reason
+        else:
+            run.append(p)
+    return run, missing
+
+
+def choose_copies(case: C.Case, cache: int, free: int) -> int:
+    copies = max(1, min(MAX_COPIES, math.ceil(2 * cache / max(case.input_bytes, 1))))
+    while copies > 1 and case.estimated_memory(copies) > 0.5 * free:
+        copies -= 1
+    return copies
+
+
+def run_case(case: C.Case, cfg: T.TimingConfig, ceilings: T.Ceilings, cache: int) -> dict:
+    row = {"op": case.op, "provider": case.provider, "shape": case.shape.name, "dims": case.shape.dims(),
+           "sweep": case.shape.sweep, "mode": case.mode, "dtype": DTYPE_NAMES[case.dtype],
+           "median": None, "p20": None, "p80": None, "reps": 0, "copies": 0,
+           "flops": case.flops, "tflops": None, "frac_matmul": None,
+           "bytes": case.bytes, "gbps": None, "frac_copy": None,
+           "memory": None, "memory_method": None, "estimated_memory": case.estimated_memory(1),
+           "speedup_vs_reference": None, "status": "ok", "note": case.note}
+    free = T.free_memory(case.device)
+    if case.estimated_memory(1) > MEMORY_FRACTION * free:
+        row["status"] = "skipped"
+        row["note"] = (f"skipped: estimated {case.estimated_memory(1) / 2**30:.1f} GiB > "
+                       f"{MEMORY_FRACTION:.0%} of free {free / 2**30:.1f} GiB")
+        return row
+    copies = choose_copies(case, cache, free)
+    fn = inputs = None
+    try:
+        fn, inputs = case.build(copies)
+        t = T.time_calls(fn, inputs, case.device, cfg)
+        mem, method = T.peak_memory(fn, inputs[0], case.device)
+    except Exception as e:  # one failing provider must not end the run
+        row["status"] = "error"
+        row["note"] = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
+        return row
+    finally:
+        del fn, inputs
+        gc.collect()
+        if case.device.type == "cuda":
+            torch.cuda.empty_cache()
+    row.update(median=t.median, p20=t.p20, p80=t.p80, reps=t.reps, copies=copies, memory=mem, memory_method=method)
+    row["tflops"] = case.flops / t.median / 1e12
+    row["frac_matmul"] = case.flops / t.median / ceilings.matmul_flops
+    if case.bytes is not None:
+        row["gbps"] = case.bytes / t.median / 1e9
+        row["frac_copy"] = case.bytes / t.median / ceilings.copy_bytes
+    return row
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name:
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("--device cuda asked for, but no CUDA device is available")
+        return device
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ops", help=f"comma-separated subset of {','.join(C.OPS)} (default: the suite's)")
+    p.add_argument("--modes", help="comma-separated subset of fwd, fwd+bwd, step")
+    p.add_argument("--providers", help="comma-separated subset of reference, gemm+topk, torch, triton, cuda, "
+                                       "transcoder, mlp (default: every one that runs on the device)")
+    p.add_argument("--shapes", help="comma-separated shape specs: gpt2, pythia-410m, pythia-1.4b, llama-3.2-3b, "
+                                    "small, tiny, paper, with overrides name:T=2048,K=64,N=..,H=..,d=.., or "
+                                    "sweep-k / sweep-n / sweep-t (optionally @base-shape)")
+    p.add_argument("--device", help="cpu or cuda[:i] (default: cuda when present)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="floating dtype (default fp32)")
+    p.add_argument("--quick", action="store_true", help="small shapes and few repetitions")
+    p.add_argument("--reps", type=int, help="time exactly this many calls per case, after one warm-up call")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use)")
+    p.add_argument("--out", help="output folder (default bench/results/<date>-<device>[-quick]/)")
+    p.add_argument("--no-plot", action="store_true", help="do not draw the plot")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    args.argv = argv
+    gc.collect()
+    gc.freeze()  # what exists now lives for the whole run: keeps the per-case collections cheap
+    try:
+        return _main(args)
+    finally:
+        gc.unfreeze()
+
+
+def _main(args) -> int:
+    device = pick_device(args.device)
+    dtype = DTYPES[args.dtype]
+    if device.type == "cpu":
+        threads = args.threads or len(os.sched_getaffinity(0))
+        torch.set_num_threads(threads)
+    jobs = select_jobs(args, device.type)
+    requested = args.providers.split(",") if args.providers else None
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cfg = T.TimingConfig.for_device(device, args.quick)
+    if args.reps:
+        cfg = T.TimingConfig(warmup_calls=1, warmup_time=0.0, min_reps=args.reps, max_reps=args.reps, target_time=0.0)
+    ceilings = T.measure_ceilings(device, dtype, args.quick, cfg)
+    meta = {"device": str(device), "device_name": T.device_name(device), "dtype": DTYPE_NAMES[dtype],
+            "threads": torch.get_num_threads(), "versions": T.versions(), "git_commit": T.git_commit(),
+            "date": now.isoformat(timespec="seconds"), "quick": args.quick, "argv": args.argv, "ceilings": ceilings.as_dict(), "timing": dataclasses.asdict(cfg),
+            "memory_method": ("torch.cuda.max_memory_allocated growth over the call" if device.type == "cuda" else
+                              "growth of the resident set (VmHWM - VmRSS before the call)"),
+            "load_average": os.getloadavg(), "unavailable": {}}
+    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                       f"{now:%Y-%m-%d}-{T.device_slug(device)}{'-quick' if args.quick else ''}")
+    os.makedirs(out_dir, exist_ok=True)
+    cache = T.cache_bytes(device)
+    print(f"mxd_fast bench: {len(jobs)} op/shape/mode cases on {meta['device_name']} ({device}), "
+          f"{meta['dtype']}, ceilings: matmul {ceilings.matmul_flops / 1e12:.3g} TFLOP/s, "
+          f"copy {ceilings.copy_bytes / 1e9:.3g} GB/s", flush=True)
+    rows: list[dict] = []
+    for job in jobs:
+        providers, missing = providers_for(job.op, device, requested)
+        for p, why in missing.items():
+            meta["unavailable"].setdefault(p, why)
+        group = []
+        for provider in providers:
+            case = C.make_case(job.op, job.mode, provider, job.shape, dtype, device)
+            row = run_case(case, cfg, ceilings, cache)
+            row.update(device=str(device), device_name=meta["device_name"], versions=meta["versions"],
+                       git_commit=meta["git_commit"], date=meta["date"], threads=meta["threads"])
+            group.append(row)
+            took = "-" if row["median"] is None else f"{row['median'] * 1e3:.3f} ms"
+            status = row["note"] if row["status"] != "ok" else ""
+            print(f"  {job.op:14s} {job.mode:7s} {job.shape.name:28s} {provider:10s} {took:>12s} {status}",
+                  flush=True)
+        ref = next((r for r in group if r["provider"] == "reference" and r["median"]), None)
+        for r in group:
+            if ref is not None and r["median"]:
+                r["speedup_vs_reference"] = ref["median"] / r["median"]
+        rows += group
+    text = report.legend(meta) + "\n\n" + report.table(rows)
+    if meta["unavailable"]:
+        text += "\n\nnot run: " + "; ".join(f"{p}: {why}" for p, why in meta["unavailable"].items())
+    print()
+    print(text)
+    report.write_json(os.path.join(out_dir, "results.json"), meta, rows)
+    with open(os.path.join(out_dir, "table.txt"), "w") as f:
+        f.write(text + "\n")
+    if not args.no_plot:
+        print(report.plot(os.path.join(out_dir, "speedup.png"), rows))
+    print(f"results written to {os.path.relpath(out_dir)}")
+    return 1 if any(r["status"] == "error" for r in rows) else 0

@@ -1,0 +1,116 @@
+"""The results of a run: the printed table, the JSON file and the speedup plot."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+
+
+def _fmt(value, spec: str, empty: str = "-") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return empty
+    return format(value, spec)
+
+
+def _time(seconds) -> str:
+    if seconds is None:
+        return "-"
+    ms = seconds * 1e3
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
+COLUMNS = ("op", "mode", "shape", "provider", "median ms", "p20-p80 ms", "TFLOP/s", "%mm", "GB/s", "%bw",
+           "peak MiB", "x ref", "note")
+
+
+def table(rows: list[dict]) -> str:
+    lines = []
+    for r in rows:
+        lines.append((
+            r["op"], r["mode"], r["shape"], r["provider"],
+            _time(r.get("median")),
+            f"{_time(r.get('p20'))}-{_time(r.get('p80'))}" if r.get("median") is not None else "-",
+            _fmt(r.get("tflops"), ".3g"),
+            _fmt(None if r.get("frac_matmul") is None else 100 * r["frac_matmul"], ".0f"),
+            _fmt(None if r.get("gbps") is None else r["gbps"], ".3g"),
+            _fmt(None if r.get("frac_copy") is None else 100 * r["frac_copy"], ".0f"),
+            _fmt(None if r.get("memory") is None else r["memory"] / 2**20, ".0f"),
+            _fmt(r.get("speedup_vs_reference"), ".2f"),
+            r.get("note", ""),
+        ))
+    widths = [max(len(COLUMNS[i]), *(len(str(line[i])) for line in lines)) if lines else len(COLUMNS[i])
+              for i in range(len(COLUMNS))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)).rstrip()]
+    out.append("  ".join("-" * w for w in widths))
+    prev = None
+    for line in lines:
+        key = line[:3]
+        if prev is not None and key[:1] != prev[:1]:
+            out.append("")
+        prev = key
+        out.append("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
+    return "\n".join(out)
+
+
+def legend(meta: dict) -> str:
+    c = meta["ceilings"]
+    return "\n".join([
+        f"device: {meta['device']} ({meta['device_name']}), dtype {meta['dtype']}, "
+        f"torch {meta['versions']['torch']}, triton {meta['versions']['triton']}, commit {meta['git_commit'][:12]}, "
+        f"{meta['date']}",
+        f"ceilings measured in this run: matmul {c['matmul_n']}^3 {meta['dtype']} = "
+        f"{c['matmul_flops'] / 1e12:.3g} TFLOP/s; copy of {c['copy_mib']} MiB = {c['copy_bytes'] / 1e9:.3g} GB/s",
+        "TFLOP/s: the provider's own FLOPs (dense providers: dense products, sparse providers: K-sparse products; "
+        "see bench/cases.py); %mm = TFLOP/s / matmul ceiling; GB/s: compulsory bytes / median, %bw = of the copy "
+        "ceiling; peak MiB: " + meta["memory_method"] + "; x ref = reference median / median",
+    ])
+
+
+def write_json(path: str, meta: dict, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
+        f.write("\n")
+
+
+def plot(path: str, rows: list[dict]) -> str:
+    """Speedup over the reference vs N and vs K (rows of the N and K sweeps; without sweeps, all rows
+    against N). Returns a message; never raises when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot (pip install matplotlib to get one)"
+    panels = []
+    for axis in ("N", "K"):
+        sel = [r for r in rows if r.get("sweep") == axis and r.get("speedup_vs_reference")]
+        if sel:
+            panels.append((axis, sel))
+    if not panels:
+        sel = [r for r in rows if r.get("speedup_vs_reference") and r["op"] != "train"]
+        if not sel:
+            return "no speedups to plot"
+        panels.append(("N", sel))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, (axis, sel) in zip(axes[0], panels):
+        series = defaultdict(list)
+        for r in sel:
+            if r["provider"] == "reference":
+                continue
+            series[(r["op"], r["mode"], r["provider"])].append((r["dims"][axis], r["speedup_vs_reference"]))
+        for (op, mode, provider), pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{op} {mode} [{provider}]")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xlabel(axis)
+        ax.set_ylabel("speedup over the dense reference")
+        ax.set_title(f"speedup vs {axis}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"plot written to {os.path.relpath(path)}"

@@ -1,0 +1,199 @@
+"""The benchmark cases as pytest-benchmark tests, plus checks of the suite's own wiring.
+
+`pytest bench --benchmark-disable` runs every case once on a tiny shape (a smoke test);
+`pytest bench` times them; `MXD_BENCH_SHAPES=gpt2:T=512,sweep-k pytest bench -k gather` times real
+shapes (any spec `python -m bench --shapes` accepts). The device is CUDA when present, else CPU;
+Triton runs on CPU only under TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import pytest
+import torch
+
+from bench import cases as C
+from bench import cli, report
+from bench import shapes as S
+from bench import timing as T
+
+DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+SHAPE_SPECS = os.environ.get("MXD_BENCH_SHAPES", "tiny").split(",")
+
+
+def _shapes():
+    return S.resolve(SHAPE_SPECS, DEVICE.type)
+
+
+def _params():
+    for s in _shapes():
+        for op in C.OPS:
+            for mode in C.modes_for(op):
+                for provider in C.all_providers(op):
+                    yield pytest.param(op, mode, provider, s, id=f"{op}-{mode}-{provider}-{s.name}")
+
+
+def _skip_unavailable(provider: str) -> None:
+    reason = C.provider_unavailable(provider, DEVICE)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("op,mode,provider,shape", list(_params()))
+def test_case(benchmark, op, mode, provider, shape):
+    _skip_unavailable(provider)
+    case = C.make_case(op, mode, provider, shape, torch.float32, DEVICE)
+    if case.estimated_memory(1) > cli.MEMORY_FRACTION * T.free_memory(DEVICE):
+        pytest.skip("estimated memory exceeds the free memory")
+    fn, inputs = case.build(copies=2)
+    rotation = itertools.cycle(inputs)
+    benchmark.extra_info.update(flops=case.flops, bytes=case.bytes, device=str(DEVICE), shape=shape.dims())
+
+    def call():
+        out = fn(next(rotation))
+        T.sync(DEVICE)
+        return out
+
+    out = benchmark(call)
+    flat = out if isinstance(out, (tuple, list)) else (out,)
+    for t in flat:
+        assert torch.isfinite(t).all()
+
+
+# ---- the cases compute what they claim ------------------------------------------------------------
+
+def _outputs(op, mode, provider, shape):
+    case = C.make_case(op, mode, provider, shape, torch.float64 if DEVICE.type == "cpu" else torch.float32, DEVICE)
+    fn, inputs = case.build(copies=1)
+    out = fn(inputs[0])
+    return out if isinstance(out, (tuple, list)) else (out,)
+
+
+@pytest.mark.parametrize("op", C.OPS[:3])
+@pytest.mark.parametrize("mode", C.OP_MODES)
+def test_providers_agree_with_reference(op, mode):
+    shape = S.NAMED["tiny"]
+    expected = _outputs(op, mode, "reference", shape)
+    for provider in C.all_providers(op)[1:]:
+        if C.provider_unavailable(provider, DEVICE) is not None:
+            continue
+        got = _outputs(op, mode, provider, shape)
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4, msg=lambda m: f"{op} {mode} {provider}: {m}")
+
+
+def test_train_step_learns():
+    shape = S.NAMED["tiny"]
+    for provider in C.all_providers("train"):
+        if C.provider_unavailable(provider, DEVICE) is not None:
+            continue
+        fn, inputs = C.make_case("train", "step", provider, shape, torch.float32, DEVICE).build(copies=1)
+        losses = [float(fn(inputs[0])) for _ in range(5)]
+        assert losses[-1] < losses[0], (provider, losses)
+
+
+def test_random_selection_distinct():
+    gen = torch.Generator().manual_seed(0)
+    values, indices = C.random_selection(50, 40, 40, torch.float32, torch.device("cpu"), gen)
+    assert (indices.sort(dim=1).values == torch.arange(40)).all()
+    assert (values > 0).all() and (values[:, :-1] >= values[:, 1:]).all()
+    _, indices = C.random_selection(64, 1000, 7, torch.float32, torch.device("cpu"), gen)
+    assert (indices.sort(dim=1).values.diff(dim=1) > 0).all() and int(indices.max()) < 1000
+
+
+# ---- FLOPs, shapes, CLI -------------------------------------------------------------------------
+
+def test_flops_definitions():
+    s = S.PAPER["pythia-1.4b"]
+    gate = C.make_case("topk_gate", "fwd", "torch", s, torch.float32, torch.device("cpu"))
+    assert gate.flops == 2 * 4096 * 2048 * 57330            # 0.96 TFLOP
+    for name, shape in S.PAPER.items():
+        dense = C.make_case("train", "step", "reference", shape, torch.float32, torch.device("cpu")).flops
+        sparse = C.make_case("train", "step", "torch", shape, torch.float32, torch.device("cpu")).flops
+        assert 3.0 < dense / sparse < 4.0, name
+    sparse_gc = C.make_case("gather_combine", "fwd+bwd", "torch", s, torch.float32, torch.device("cpu"))
+    dense_gc = C.make_case("gather_combine", "fwd+bwd", "reference", s, torch.float32, torch.device("cpu"))
+    assert dense_gc.flops / sparse_gc.flops == s.N / s.K
+    assert sparse_gc.bytes == dense_gc.bytes
+
+
+def test_shape_specs():
+    assert S.parse_shape("gpt2").N == 21490
+    s = S.parse_shape("gpt2:T=2048,K=64")
+    assert (s.T, s.K, s.N, s.d) == (2048, 64, 21490, 768)
+    assert S.parse_shape("gpt2:d=512").N == S.budget_experts(512, 3072)
+    assert [x.K for x in S.sweep("K", S.PAPER["gpt2"])] == list(S.SWEEP_K)
+    assert {x.sweep for x in S.resolve(["sweep-n@small"], "cpu")} == {"N"}
+    with pytest.raises(ValueError):
+        S.parse_shape("gpt2:Q=3")
+    with pytest.raises(ValueError):
+        S.parse_shape("nope")
+
+
+def test_default_suites():
+    cpu = cli.default_jobs("cpu", quick=False)
+    train = [j for j in cpu if j.op == "train"]
+    assert any(j.shape.d == 768 and j.shape.T == 2048 for j in train)
+    gpu = cli.default_jobs("cuda", quick=False)
+    assert {j.shape.name for j in gpu if j.op == "train"} == set(S.PAPER)
+    assert {j.shape.sweep for j in gpu} >= {"K", "N", "T"}
+
+
+def test_cli_writes_results(tmp_path, capsys):
+    rc = cli.main(["--quick", "--device", "cpu", "--shapes", "tiny", "--ops", "gather_combine,train",
+                   "--out", str(tmp_path), "--reps", "3"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "gather_combine" in printed and ("plot written" in printed or "matplotlib" in printed)
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = data["rows"]
+    assert {r["op"] for r in rows} == {"gather_combine", "train"}
+    for r in rows:
+        assert r["status"] == "ok", r
+        for key in ("op", "provider", "shape", "mode", "dtype", "median", "p20", "p80", "memory", "device",
+                    "versions", "git_commit", "date"):
+            assert r[key] is not None, key
+        assert r["p20"] <= r["median"] <= r["p80"]
+    ref = [r for r in rows if r["provider"] == "reference"]
+    assert all(r["speedup_vs_reference"] == 1.0 for r in ref)
+    assert (tmp_path / "table.txt").exists()
+    assert data["meta"]["ceilings"]["matmul_flops"] > 0
+
+
+def test_memory_skip(monkeypatch):
+    monkeypatch.setattr(T, "free_memory", lambda device: 1 << 20)
+    case = C.make_case("topk_gate", "fwd", "reference", S.PAPER["gpt2"], torch.float32, torch.device("cpu"))
+    row = cli.run_case(case, T.TimingConfig(), T.Ceilings(1e12, 1, 1e11, 1), 1 << 20)
+    assert row["status"] == "skipped" and "skipped" in row["note"]
+
+
+def test_plot_without_matplotlib(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    assert "matplotlib" in report.plot(str(tmp_path / "x.png"), [])
+
+
+def test_peak_memory_sees_a_large_allocation():
+    if DEVICE.type == "cuda":
+        fn = lambda _: torch.empty(64 << 20, dtype=torch.uint8, device=DEVICE).fill_(1)  # noqa: E731
+    else:
+        fn = lambda _: torch.empty(64 << 20, dtype=torch.uint8).fill_(1)  # noqa: E731
+    mem, method = T.peak_memory(fn, None, DEVICE)
+    assert method != "unavailable"
+    assert mem >= 60 << 20
+
+
+def test_quantile():
+    assert T.quantile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert T.quantile([1.0, 2.0], 0.2) == pytest.approx(1.2)
