@@ -8,7 +8,8 @@ Building blocks (every [B, K] selection is `indices` int64 with `coeffs` of a fl
 
 Every kernel takes strides (inputs may be non-contiguous or expanded with stride 0), uses 64-bit
 offsets for rows of tables and tokens, accumulates in fp32 (fp64 for fp64 inputs) and masks any
-index outside [0, n_rows): such an entry contributes zero and is never read.
+index outside [0, n_rows): such an entry contributes zero and is never read. Selected entries are
+always read, even with a zero coefficient, so NaN/Inf propagate as in the torch backend.
 
 The deterministic scatter builds a CSR reverse index of the selection (histogram of the indices,
 stable sort, prefix sum) and runs one program per (row, column tile) that sums the row's
@@ -59,7 +60,7 @@ def _embedding_bag_kernel(table_ptr, coeff_ptr, idx_ptr, scale_ptr, bias_ptr, ou
         mj = j < K
         n = tl.load(idx_ptr + b * s_ib + j * s_ik, mask=mj, other=-1)
         c = tl.load(coeff_ptr + b * s_cb + j * s_ck, mask=mj, other=0).to(ACC)
-        ok = mj & (n >= 0) & (n < N) & (c != 0)
+        ok = mj & (n >= 0) & (n < N)
         n = tl.where(ok, n, 0).to(tl.int64)
         rows = tl.load(table_ptr + n[:, None] * s_tn + rd[None, :] * s_td,
                        mask=ok[:, None] & md[None, :], other=0).to(ACC)
@@ -191,9 +192,8 @@ def _scatter_rows_kernel(order_ptr, offsets_ptr, row_order_ptr, coeff_ptr, dense
         bb = e // K
         jj = e - bb * K
         c = tl.load(coeff_ptr + bb * s_cb + jj * s_ck, mask=mp, other=0).to(ACC)
-        mc = mp & (c != 0)
         x = tl.load(dense_ptr + bb[:, None] * s_db + rd[None, :] * s_dd,
-                    mask=mc[:, None] & md[None, :], other=0).to(ACC)
+                    mask=mp[:, None] & md[None, :], other=0).to(ACC)
         acc += tl.sum(x * c[:, None], axis=0)
     tl.store(out_ptr + r * s_on + rd * s_od, acc.to(out_ptr.dtype.element_ty), mask=md)
 
@@ -214,7 +214,7 @@ def _scatter_rows_atomic_kernel(idx_ptr, coeff_ptr, dense_ptr, out_ptr,
         mj = j < K
         n = tl.load(idx_ptr + b * s_ib + j * s_ik, mask=mj, other=-1)
         c = tl.load(coeff_ptr + b * s_cb + j * s_ck, mask=mj, other=0).to(tl.float32)
-        ok = mj & (n >= 0) & (n < N) & (c != 0)
+        ok = mj & (n >= 0) & (n < N)
         n = tl.where(ok, n, 0).to(tl.int64)
         tl.atomic_add(out_ptr + n[:, None] * s_on + rd[None, :] * s_od, c[:, None] * x[None, :],
                       mask=ok[:, None] & md[None, :], sem="relaxed")

@@ -79,7 +79,7 @@ def _mxd_decode_kernel(z_ptr, dec_ptr, exp_ptr, val_ptr, idx_ptr, bias_ptr, g_pt
         for j in range(0, K):
             n = tl.load(idx_ptr + rm * s_ib + j * s_ik, mask=mm, other=-1)
             v = tl.load(val_ptr + rm * s_vb + j * s_vk, mask=mm, other=0).to(tl.float32)
-            ok = mm & (n >= 0) & (n < N) & (v != 0)
+            ok = mm & (n >= 0) & (n < N)
             n = tl.where(ok, n, 0).to(tl.int64)
             e = tl.load(exp_ptr + n[:, None] * s_en + rn[None, :] * s_eo, mask=ok[:, None] & mn[None, :],
                         other=0.0).to(tl.float32)

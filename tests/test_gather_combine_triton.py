@@ -255,3 +255,18 @@ def test_gather_combine_op_deterministic(dev):
         y = mxd_fast.gather_combine(weight, vals, idx)
         grads.append(torch.autograd.grad(y, weight, gy)[0])
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+def test_non_finite_rows_propagate_like_torch(dev):
+    """A selected row is read even with a zero coefficient: 0 * NaN = NaN, as in the torch backend."""
+    table = torch.randn(5, 9, device=dev)
+    table[3] = float("nan")
+    idx = torch.tensor([[3, 1], [0, 2]], device=dev)
+    vals = torch.tensor([[0.0, 1.0], [0.0, 0.5]], device=dev)
+    out = gck.embedding_bag(table, vals, idx)
+    assert torch.isnan(out[0]).all() and torch.isfinite(out[1]).all()
+    dense = torch.randn(2, 9, device=dev)
+    dense[1, 4] = float("inf")
+    rows = gck.scatter_rows(idx, vals, dense, 5, True)
+    assert torch.isnan(rows[0, 4]) and torch.isinf(rows[2, 4]) and torch.isfinite(rows[[1, 3]]).all()
