@@ -31,7 +31,7 @@ merges the SPLIT sorted lists of every row (max with the flipped list, then a bi
 Splitting N keeps the GPU busy when B is small; each chunk restarts its threshold, so the split is
 kept as small as the occupancy allows.
 
-fp64 inputs, k > MAX_K and N >= 2**31 fall back to the torch backend's tiled implementation.
+fp64 inputs, k > MAX_K and N near 2**31 fall back to the torch backend's tiled implementation.
 
 Backward
 --------
@@ -41,6 +41,7 @@ kernels/gather_combine.py.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -51,6 +52,9 @@ from mxd_fast._utils import new_empty
 
 # Largest k handled in registers; larger k uses the torch backend's tiled path.
 MAX_K = 256
+
+# Expert indices live in the low 32 bits of a key (and tile offsets in int32).
+_MAX_N = 2 ** 31 - 4096
 
 _KEY_MIN = tl.constexpr(-(1 << 63))
 _KEY_MAX = tl.constexpr((1 << 63) - 1)
@@ -126,27 +130,28 @@ def _topk_gate_fwd_kernel(
         bits, cols = _tile_bits(x_ptr, w_ptr, b_ptr, rows64, row_ok, t * BLOCK_N, N, I,
                                 stride_xb, stride_xi, stride_wn, stride_wi, stride_bn,
                                 HAS_BIAS, BLOCK_B, BLOCK_N, BLOCK_I, DOT_PRECISION, DOT_UPCAST)
-        # A logit equal to the threshold value may be dropped: between equal values any is fine.
-        cand = bits > thr[:, None]
-        count = tl.max(tl.sum(cand.to(tl.int32), axis=1), axis=0)
+        # Candidates keep their bits, the rest become -1. A logit equal to the threshold value may
+        # be dropped: between equal values any of them is fine.
+        bits = tl.where(bits > thr[:, None], bits, -1)
+        count = tl.max(tl.sum((bits >= 0).to(tl.int32), axis=1), axis=0)
         if count > 0:
             if FULL_MERGE and count > FULL_MERGE_AT:
                 key = (bits.to(tl.int64) << 32) | cols.to(tl.int64)[None, :]
-                top = tl.topk(tl.where(cand, key, _KEY_MIN), K_PAD)
+                top = tl.topk(tl.where(bits >= 0, key, _KEY_MIN), K_PAD)
                 run = tl.maximum(tl.sort(run, descending=True), tl.flip(top, 1))
                 low = tl.min(run, axis=1)
             else:
                 # One round moves each row's largest remaining candidate into the slot of the row's
-                # smallest key (int32 work on the tile: value bits, then the largest column among
-                # the maxima, which also identifies the element to retire).
+                # smallest key and retires it from the tile. Int32 work on the tile: the largest
+                # bits, then the largest column holding them (which identifies the element).
                 for _ in range(count):
-                    best_bits = tl.max(tl.where(cand, bits, -1), axis=1)
-                    best_col = tl.max(tl.where(cand & (bits == best_bits[:, None]), cols[None, :], -1), axis=1)
+                    best_bits = tl.max(bits, axis=1)
+                    best_col = tl.max(tl.where(bits == best_bits[:, None], cols[None, :], -1), axis=1)
                     best = (best_bits.to(tl.int64) << 32) | best_col.to(tl.int64)
-                    take = (best_col >= 0) & (best > low)
+                    take = (best_bits >= 0) & (best > low)
                     run = tl.where((run == low[:, None]) & take[:, None], best[:, None], run)
                     low = tl.min(run, axis=1)
-                    cand = cand & (cols[None, :] != best_col[:, None])
+                    bits = tl.where(cols[None, :] == best_col[:, None], -1, bits)
             thr = (low >> 32).to(tl.int32)
 
     run = tl.where(run == _KEY_MAX, _KEY_MIN, run)
@@ -191,12 +196,14 @@ def _topk_gate_merge_kernel(ws_ptr, val_ptr, idx_ptr, B, SPLIT, split_stride,
 # ---- configuration -----------------------------------------------------------------------
 
 # (BLOCK_B, BLOCK_N, BLOCK_I, num_warps, num_stages, FULL_MERGE) for Hopper-class GPUs. The
-# running set costs BLOCK_B * K_PAD int64 registers, so large k wants few rows per program.
+# running set costs BLOCK_B * K_PAD int64 registers, so large k wants few rows per program; the
+# bitonic tile merge needs the whole tile as int64 keys and is kept for small k (see _fits).
 _CUDA_CONFIGS = [
     (64, 128, 64, 4, 4, False), (64, 128, 64, 8, 3, False), (128, 128, 64, 8, 3, False),
     (64, 64, 128, 4, 4, False), (128, 64, 64, 4, 4, False), (64, 256, 64, 8, 3, False),
-    (32, 128, 64, 4, 4, False), (16, 128, 128, 4, 3, False),
-    (64, 128, 64, 8, 3, True), (32, 256, 64, 8, 3, True), (16, 256, 64, 4, 3, True),
+    (32, 128, 64, 4, 4, False), (16, 128, 128, 4, 3, False), (32, 128, 64, 8, 3, False),
+    (64, 128, 32, 8, 3, False), (32, 128, 32, 8, 3, False),  # fp32 (tf32x3 needs more registers)
+    (64, 128, 64, 8, 3, True), (64, 128, 64, 4, 4, True), (64, 64, 128, 4, 4, True),
 ]
 
 
@@ -206,16 +213,33 @@ def _cuda_configs():
 
 
 def _fits(cfg: dict, k_pad: int, num_warps: int) -> bool:
-    if cfg["FULL_MERGE"] and cfg["BLOCK_N"] < k_pad:
-        return False
+    """Whether a configuration keeps its registers in budget (checked against ptxas for sm_90:
+    beyond these bounds the kernel spills)."""
+    bb, bn = cfg["BLOCK_B"], cfg["BLOCK_N"]
     # int64 running set: 2 * BLOCK_B * K_PAD / threads registers per thread; keep it under 64.
-    return 2 * cfg["BLOCK_B"] * k_pad <= 64 * 32 * num_warps
+    if 2 * bb * k_pad > 64 * 32 * num_warps:
+        return False
+    if cfg["FULL_MERGE"]:
+        return bn >= k_pad and k_pad * bb * bn <= 65536 * num_warps
+    return True
 
 
 def _prune(configs, named_args, **kwargs):
     k_pad = kwargs["K_PAD"]
-    ok = [c for c in configs if _fits(c.kwargs, k_pad, c.num_warps)]
-    return ok or [min(configs, key=lambda c: c.kwargs["BLOCK_B"] * (not c.kwargs["FULL_MERGE"]) or 1 << 30)]
+    return [c for c in configs if _fits(c.kwargs, k_pad, c.num_warps)] or [_default_config(k_pad, torch.bfloat16)]
+
+
+def _default_config(k_pad: int, dtype: torch.dtype) -> triton.Config:
+    """The configuration used without autotuning (MXD_FAST_AUTOTUNE=0); it fits in registers."""
+    bb = 64 if k_pad <= 64 else 32 if k_pad <= 128 else 16
+    if dtype == torch.float32:
+        return triton.Config(dict(BLOCK_B=bb, BLOCK_N=128, BLOCK_I=32, FULL_MERGE=False), num_warps=8, num_stages=3)
+    return triton.Config(dict(BLOCK_B=bb, BLOCK_N=128, BLOCK_I=64 if bb > 16 else 128, FULL_MERGE=False),
+                         num_warps=4, num_stages=4 if bb > 16 else 3)
+
+
+def _autotune() -> bool:
+    return os.environ.get("MXD_FAST_AUTOTUNE", "1") not in ("0", "false", "False")
 
 
 _tuned_fwd_kernel = triton.autotune(
@@ -268,6 +292,13 @@ def _forward(x, weight, bias, k, split=None, config=None):
     indices = new_empty((B, k), torch.int64, device)
     if B == 0:
         return values, indices
+    if device.type == "cuda":
+        # Loads along a unit-stride dimension are vectorised and pipelined (cp.async); without
+        # one, a copy is cheaper than the element-wise loads.
+        if 1 not in x.stride():
+            x = x.contiguous()
+        if 1 not in weight.stride():
+            weight = weight.contiguous()
     k_pad = _next_pow2(k)
     if split is None:
         split = _choose_split(B, N, device)
@@ -282,10 +313,13 @@ def _forward(x, weight, bias, k, split=None, config=None):
             min(_next_pow2(B), 4096))
     meta = dict(K=k, K_PAD=k_pad, FULL_MERGE_AT=_full_merge_at(k_pad), HAS_BIAS=has_bias, TO_WORKSPACE=to_ws,
                 DOT_PRECISION=_dot_precision(x.dtype), DOT_UPCAST=device.type != "cuda")
-    if config is None and device.type == "cuda":
+    if config is None and device.type == "cuda" and _autotune():
         grid = lambda m: (triton.cdiv(B, m["BLOCK_B"]), split)  # noqa: E731
         _tuned_fwd_kernel[grid](*args, **meta)
     else:
+        if config is None and device.type == "cuda":
+            c = _default_config(k_pad, x.dtype)
+            config = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
         cfg = dict(_INTERPRETER_CONFIG, **(config or {}))
         if cfg["FULL_MERGE"]:
             cfg["BLOCK_N"] = max(cfg["BLOCK_N"], k_pad)
@@ -303,7 +337,7 @@ def _forward(x, weight, bias, k, split=None, config=None):
 def topk_gate_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], k: int):
     """(values [B, k] sorted descending, indices [B, k] int64) of relu(x @ weight.T + bias)."""
     N = weight.shape[0]
-    if x.dtype == torch.float64 or k > MAX_K or N >= 2 ** 31:
+    if x.dtype == torch.float64 or k > MAX_K or N > _MAX_N:
         from mxd_fast.ops.topk_gate import topk_gate_torch_forward
 
         return topk_gate_torch_forward(x, weight, bias, k)
