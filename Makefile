@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.9.0
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: setup install test test-torch test-triton test-bench test-cuda-compile bench train info clean
+.PHONY: setup install test test-torch test-triton test-bench test-cuda-compile bench train info clean cuda-check
 
 setup: $(VENV)/.setup-done
 
@@ -33,6 +33,12 @@ test: install
 	TRITON_INTERPRET=$${TRITON_INTERPRET-$$($(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)")} \
 		$(PYTEST) -m triton tests
 	$(PYTEST) bench --benchmark-disable
+
+# CUDA backend build check, no GPU needed: compiles csrc/cuda/*.cu with nvcc for sm_80 and sm_90a,
+# prints ptxas's registers per kernel and fails on any register spill; syntax-checks csrc/*.cpp
+# against torch's headers.
+cuda-check: setup
+	$(PY) csrc/check_build.py
 
 bench: install
 	$(PY) -m bench
