@@ -13,18 +13,24 @@ Every logit is packed with its expert index into one int64 key that sorts like t
 
 relu(logit) >= 0, so the float32 bit pattern read as an int32 orders like the value; NaN is given
 the largest pattern (0x7FFFFFFF) so that it ranks above +inf, like torch.topk. Keys are distinct
-(the index breaks ties), which makes every selection below exact and deterministic.
+(the index breaks ties), so every selection below is exact, and for a given configuration the
+choice among tied values is deterministic.
 
 The running top-k is an unsorted set of K_PAD keys per row (K_PAD = next power of two >= k); the
 K_PAD - k surplus slots hold a sentinel larger than any key, so the row's minimum is its k-th
 largest key: the threshold. Per tile:
-  1. one int32 comparison per logit against the row's threshold finds the candidates; a tile in
-     which no row of the block has one costs nothing more (the common case after the first tiles);
-  2. few candidates (the steady state): as many rounds as the largest candidate count of a row in
-     the block; a round moves each row's largest remaining candidate into the slot of its minimum;
-  3. many candidates (the first tiles of a chunk): a bitonic merge: tl.topk of the tile's
-     candidates (sorted), the running set sorted, and their element-wise maximum after flipping one
-     of them is the top-K_PAD of the union.
+  1. one int32 comparison per logit against the row's threshold value marks the candidates (a
+     logit equal to the threshold value is not one: between equal values any choice is right,
+     and relu's zeros stop competing once a row holds k of them); a tile in which no row of the
+     block has a candidate costs nothing more;
+  2. rounds (the steady state, few candidates): as many as the largest candidate count of a row
+     in the block; a round finds each row's largest remaining candidate with two int32 max
+     reductions (value bits, then the largest column holding them), puts it in the slot of the
+     row's minimum key if it beats it, and retires it from the tile;
+  3. with FULL_MERGE (a configuration option, for small k: it needs the tile as int64 keys in
+     registers) a tile with more than FULL_MERGE_AT candidates (the first tiles of a chunk) is
+     merged at once: tl.topk of the tile's candidates (sorted), the running set sorted, and their
+     element-wise maximum after flipping one of them is the top-K_PAD of the union.
 At the end the set is sorted. With one chunk (SPLIT = 1) the program writes values and indices;
 otherwise it writes its sorted keys to a [SPLIT, B, K_PAD] workspace and a second, small kernel
 merges the SPLIT sorted lists of every row (max with the flipped list, then a bitonic merge).
