@@ -91,14 +91,27 @@ class Case:
     input_bytes: int          # one copy of the rotated inputs
     workspace_bytes: int      # estimated memory beyond the inputs (outputs, temporaries, state)
     note: str = ""
-    _build: Callable[[int], tuple[Callable[[Any], Any], list]] | None = None
+    _inputs: Callable[[int], Any] | None = None
+    _fn: Callable[[], Callable[[Any], Any]] | None = None
 
     def estimated_memory(self, copies: int) -> int:
         return int(self.workspace_bytes + copies * self.input_bytes)
 
+    @property
+    def input_key(self) -> tuple:
+        """Cases with the same key take the same inputs: the providers of one op, mode and shape."""
+        return (self.op, self.mode, self.shape, self.dtype, str(self.device))
+
+    def make_inputs(self, copies: int) -> list:
+        """`copies` independent random inputs (different seeds), rotated over by the timers."""
+        return [self._inputs(c) for c in range(copies)]
+
+    def make_fn(self) -> Callable[[Any], Any]:
+        """The timed call: fn(inputs[i]). For a training step this creates the model and optimiser."""
+        return self._fn()
+
     def build(self, copies: int = 1) -> tuple[Callable[[Any], Any], list]:
-        """(fn, inputs): fn(inputs[i]) runs one timed call; len(inputs) == copies."""
-        return self._build(copies)
+        return self.make_fn(), self.make_inputs(copies)
 
 
 # ---- inputs ---------------------------------------------------------------------------------
@@ -259,14 +272,12 @@ def op_case(op: str, mode: str, provider: str, s: Shape, dtype: torch.dtype, dev
             out = forward(inp)
             return torch.autograd.grad(out, [inp[n] for n in inp["_diff"]], inp["grad_out"])
 
-    def build(copies: int):
-        inputs = [_make_op_inputs(op, mode, s, dtype, device, seed=1000 + c) for c in range(copies)]
-        return call, inputs
 
     input_bytes = _op_input_bytes(op, mode, s, es)
     return Case(op=op, mode=mode, provider=provider, shape=s, dtype=dtype, device=device,
                 flops=_op_flops(op, mode, dense, s), bytes=_op_bytes(op, mode, s, es), input_bytes=input_bytes,
-                workspace_bytes=_op_workspace(op, mode, dense, s, es), _build=build)
+                workspace_bytes=_op_workspace(op, mode, dense, s, es),
+                _inputs=lambda c: _make_op_inputs(op, mode, s, dtype, device, seed=1000 + c), _fn=lambda: call)
 
 
 def _op_input_bytes(op: str, mode: str, s: Shape, es: int) -> int:
@@ -352,16 +363,17 @@ def train_case(provider: str, s: Shape, dtype: torch.dtype, device: torch.device
     if provider == "transcoder":
         note += f", width={s.transcoder_width}, backend=auto"
 
-    def build(copies: int):
+    def make_batch(c: int):
+        gen = _gen(device, 2000 + c)
+        x = _randn((s.T, s.d), dtype, device, gen)
+        y = _randn((s.T, s.d), dtype, device, gen)
+        inv_norm = y.float().norm(dim=1, keepdim=True).clamp_min(1e-6).reciprocal().to(dtype)
+        return x, y, inv_norm
+
+    def make_fn():
         model = make_model(provider, s, dtype, device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-        inputs = []
-        for c in range(copies):
-            gen = _gen(device, 2000 + c)
-            x = _randn((s.T, s.d), dtype, device, gen)
-            y = _randn((s.T, s.d), dtype, device, gen)
-            inv_norm = y.float().norm(dim=1, keepdim=True).clamp_min(1e-6).reciprocal().to(dtype)
-            inputs.append((x, y, inv_norm))
+
         def step(batch):
             x, y, inv_norm = batch
             with _train_ctx(provider):
@@ -379,11 +391,11 @@ def train_case(provider: str, s: Shape, dtype: torch.dtype, device: torch.device
                 opt.zero_grad(set_to_none=True)
             return loss.detach()
 
-        return step, inputs
+        return step
 
     return Case(op="train", mode=TRAIN_MODE, provider=provider, shape=s, dtype=dtype, device=device,
                 flops=_train_flops(provider, s), bytes=None, input_bytes=3 * s.T * s.d * es,
-                workspace_bytes=_train_workspace(provider, s, es), note=note, _build=build)
+                workspace_bytes=_train_workspace(provider, s, es), note=note, _inputs=make_batch, _fn=make_fn)
 
 
 def _train_ctx(provider: str):

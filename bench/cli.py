@@ -106,42 +106,117 @@ def choose_copies(case: C.Case, cache: int, free: int) -> int:
     return copies
 
 
-def run_case(case: C.Case, cfg: T.TimingConfig, ceilings: T.Ceilings, cache: int) -> dict:
-    row = {"op": case.op, "provider": case.provider, "shape": case.shape.name, "dims": case.shape.dims(),
-           "sweep": case.shape.sweep, "mode": case.mode, "dtype": DTYPE_NAMES[case.dtype],
-           "median": None, "p20": None, "p80": None, "reps": 0, "copies": 0,
-           "flops": case.flops, "tflops": None, "frac_matmul": None,
-           "bytes": case.bytes, "gbps": None, "frac_copy": None,
-           "memory": None, "memory_method": None, "estimated_memory": case.estimated_memory(1),
-           "speedup_vs_reference": None, "status": "ok", "note": case.note}
-    free = T.free_memory(case.device)
-    if case.estimated_memory(1) > MEMORY_FRACTION * free:
-        row["status"] = "skipped"
-        row["note"] = (f"skipped: estimated {case.estimated_memory(1) / 2**30:.1f} GiB > "
-                       f"{MEMORY_FRACTION:.0%} of free {free / 2**30:.1f} GiB")
-        return row
-    copies = choose_copies(case, cache, free)
-    fn = inputs = None
-    try:
-        fn, inputs = case.build(copies)
-        t = T.time_calls(fn, inputs, case.device, cfg)
-        mem, method = T.peak_memory(fn, inputs[0], case.device)
-    except Exception as e:  # one failing provider must not end the run
-        row["status"] = "error"
-        row["note"] = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
-        return row
-    finally:
-        del fn, inputs
-        gc.collect()
-        if case.device.type == "cuda":
-            torch.cuda.empty_cache()
-    row.update(median=t.median, p20=t.p20, p80=t.p80, reps=t.reps, copies=copies, memory=mem, memory_method=method)
+def _row(case: C.Case) -> dict:
+    return {"op": case.op, "provider": case.provider, "shape": case.shape.name, "dims": case.shape.dims(),
+            "sweep": case.shape.sweep, "mode": case.mode, "dtype": DTYPE_NAMES[case.dtype],
+            "median": None, "p20": None, "p80": None, "reps": 0, "copies": 0, "interleaved": False,
+            "flops": case.flops, "tflops": None, "frac_matmul": None,
+            "bytes": case.bytes, "gbps": None, "frac_copy": None,
+            "memory": None, "memory_method": None, "estimated_memory": case.estimated_memory(1),
+            "speedup_vs_reference": None, "status": "ok", "note": case.note}
+
+
+def _error(row: dict, e: BaseException) -> None:
+    row["status"] = "error"
+    first = str(e).splitlines()[0] if str(e) else ""
+    row["note"] = f"error: {type(e).__name__}: {first}"[:160]
+
+
+def _fill(row: dict, case: C.Case, t: T.Timing, ceilings: T.Ceilings) -> None:
+    row.update(median=t.median, p20=t.p20, p80=t.p80, reps=t.reps)
     row["tflops"] = case.flops / t.median / 1e12
     row["frac_matmul"] = case.flops / t.median / ceilings.matmul_flops
     if case.bytes is not None:
         row["gbps"] = case.bytes / t.median / 1e9
         row["frac_copy"] = case.bytes / t.median / ceilings.copy_bytes
-    return row
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_group(cases: list[C.Case], cfg: T.TimingConfig, ceilings: T.Ceilings, cache: int) -> list[dict]:
+    """Time the providers of one (op, mode, shape) on shared random inputs. A provider whose estimated
+    memory exceeds MEMORY_FRACTION of the free memory is skipped (a note says so); one that fails gets
+    an error row. CPU: the providers take turns call by call when their states fit in memory together;
+    GPU: one after the other, each with its own CUDA-event timing."""
+    rows = [_row(c) for c in cases]
+    if not cases:
+        return rows
+    device = cases[0].device
+    free = T.free_memory(device)
+    live = []
+    for case, row in zip(cases, rows):
+        if case.estimated_memory(1) > MEMORY_FRACTION * free:
+            row["status"] = "skipped"
+            row["note"] = (f"skipped: estimated {case.estimated_memory(1) / 2**30:.1f} GiB > "
+                           f"{MEMORY_FRACTION:.0%} of free {free / 2**30:.1f} GiB")
+        else:
+            live.append((case, row))
+    if not live:
+        return rows
+    widest = max(live, key=lambda cr: cr[0].workspace_bytes)[0]
+    copies = choose_copies(widest, cache, free)
+    try:
+        inputs = live[0][0].make_inputs(copies)
+    except Exception as e:  # noqa: BLE001
+        for _, row in live:
+            _error(row, e)
+        return rows
+    for _, row in live:
+        row["copies"] = copies
+    together = sum(c.workspace_bytes for c, _ in live) + copies * widest.input_bytes
+    interleave = device.type == "cpu" and len(live) > 1 and together < 0.5 * free
+    if interleave:
+        fns = []
+        for case, row in live:
+            try:
+                fns.append(case.make_fn())
+            except Exception as e:  # noqa: BLE001
+                _error(row, e)
+                fns.append(None)
+        ok = [k for k, f in enumerate(fns) if f is not None]
+        timings = T.time_interleaved([fns[k] for k in ok], inputs, cfg)
+        for k, t in zip(ok, timings):
+            case, row = live[k]
+            if isinstance(t, BaseException):
+                _error(row, t)
+                continue
+            _fill(row, case, t, ceilings)
+            row["interleaved"] = True
+            try:
+                row["memory"], row["memory_method"] = T.peak_memory(fns[k], inputs[0], device)
+            except Exception as e:  # noqa: BLE001
+                _error(row, e)
+        del fns
+        _release(device)
+    else:
+        for case, row in live:
+            fn = None
+            try:
+                fn = case.make_fn()
+                t = T.time_calls(fn, inputs, device, cfg)
+                _fill(row, case, t, ceilings)
+                row["memory"], row["memory_method"] = T.peak_memory(fn, inputs[0], device)
+            except Exception as e:  # noqa: BLE001 - one failing provider must not end the run
+                _error(row, e)
+            finally:
+                del fn
+                _release(device)
+    del inputs
+    _release(device)
+    ref = next((r for r in rows if r["provider"] == "reference" and r["median"]), None)
+    for r in rows:
+        if ref is not None and r["median"]:
+            r["speedup_vs_reference"] = ref["median"] / r["median"]
+    return rows
+
+
+def run_case(case: C.Case, cfg: T.TimingConfig, ceilings: T.Ceilings, cache: int) -> dict:
+    """One provider alone."""
+    return run_group([case], cfg, ceilings, cache)[0]
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -200,7 +275,8 @@ def _main(args) -> int:
     ceilings = T.measure_ceilings(device, dtype, args.quick, cfg)
     meta = {"device": str(device), "device_name": T.device_name(device), "dtype": DTYPE_NAMES[dtype],
             "threads": torch.get_num_threads(), "versions": T.versions(), "git_commit": T.git_commit(),
-            "date": now.isoformat(timespec="seconds"), "quick": args.quick, "argv": args.argv, "ceilings": ceilings.as_dict(), "timing": dataclasses.asdict(cfg),
+            "date": now.isoformat(timespec="seconds"), "quick": args.quick, "argv": args.argv,
+            "ceilings": ceilings.as_dict(), "timing": dataclasses.asdict(cfg),
             "memory_method": ("torch.cuda.max_memory_allocated growth over the call" if device.type == "cuda" else
                               "growth of the resident set (VmHWM - VmRSS before the call)"),
             "load_average": os.getloadavg(), "unavailable": {}}
@@ -216,23 +292,20 @@ def _main(args) -> int:
         providers, missing = providers_for(job.op, device, requested)
         for p, why in missing.items():
             meta["unavailable"].setdefault(p, why)
-        group = []
-        for provider in providers:
-            case = C.make_case(job.op, job.mode, provider, job.shape, dtype, device)
-            row = run_case(case, cfg, ceilings, cache)
+        cases = [C.make_case(job.op, job.mode, p, job.shape, dtype, device) for p in providers]
+        group = run_group(cases, cfg, ceilings, cache)
+        for row in group:
             row.update(device=str(device), device_name=meta["device_name"], versions=meta["versions"],
                        git_commit=meta["git_commit"], date=meta["date"], threads=meta["threads"])
-            group.append(row)
             took = "-" if row["median"] is None else f"{row['median'] * 1e3:.3f} ms"
             status = row["note"] if row["status"] != "ok" else ""
-            print(f"  {job.op:14s} {job.mode:7s} {job.shape.name:28s} {provider:10s} {took:>12s} {status}",
+            print(f"  {job.op:14s} {job.mode:7s} {job.shape.name:28s} {row['provider']:10s} {took:>12s} {status}",
                   flush=True)
-        ref = next((r for r in group if r["provider"] == "reference" and r["median"]), None)
-        for r in group:
-            if ref is not None and r["median"]:
-                r["speedup_vs_reference"] = ref["median"] / r["median"]
         rows += group
     text = report.legend(meta) + "\n\n" + report.table(rows)
+    train_summary = report.summary(rows)
+    if train_summary:
+        text += "\n\n" + train_summary
     if meta["unavailable"]:
         text += "\n\nnot run: " + "; ".join(f"{p}: {why}" for p, why in meta["unavailable"].items())
     print()

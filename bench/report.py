@@ -60,11 +60,35 @@ def legend(meta: dict) -> str:
         f"torch {meta['versions']['torch']}, triton {meta['versions']['triton']}, commit {meta['git_commit'][:12]}, "
         f"{meta['date']}",
         f"ceilings measured in this run: matmul {c['matmul_n']}^3 {meta['dtype']} = "
-        f"{c['matmul_flops'] / 1e12:.3g} TFLOP/s; copy of {c['copy_mib']} MiB = {c['copy_bytes'] / 1e9:.3g} GB/s",
+        f"{c['matmul_flops'] / 1e12:.3g} TFLOP/s; copy of {c['copy_mib']} MiB = {c['copy_bytes'] / 1e9:.3g} GB/s"
+        + (f"; {meta['threads']} threads, load average {meta['load_average'][0]:.1f} at the start, providers timed "
+           "in turns call by call" if meta["device"] == "cpu" else ""),
         "TFLOP/s: the provider's own FLOPs (dense providers: dense products, sparse providers: K-sparse products; "
         "see bench/cases.py); %mm = TFLOP/s / matmul ceiling; GB/s: compulsory bytes / median, %bw = of the copy "
         "ceiling; peak MiB: " + meta["memory_method"] + "; x ref = reference median / median",
     ])
+
+
+def summary(rows: list[dict]) -> str:
+    """One line per training-step shape: each provider's speedup over the dense reference step."""
+    lines = []
+    shapes = []
+    for r in rows:
+        if r["op"] == "train" and r["shape"] not in shapes:
+            shapes.append(r["shape"])
+    for shape in shapes:
+        sel = [r for r in rows if r["op"] == "train" and r["shape"] == shape]
+        ref = next((r for r in sel if r["provider"] == "reference" and r.get("median")), None)
+        parts = []
+        for r in sel:
+            if r["provider"] == "reference" or not r.get("median"):
+                continue
+            ratio = r.get("speedup_vs_reference")
+            parts.append(f"{r['provider']} {r['median'] * 1e3:.0f} ms" + (f" ({ratio:.2f}x)" if ratio else ""))
+        head = f"training step {shape}, {sel[0]['dtype']}: reference "
+        head += f"{ref['median'] * 1e3:.0f} ms" if ref else "not measured"
+        lines.append(head + ("; " + "; ".join(parts) if parts else ""))
+    return "\n".join(lines)
 
 
 def write_json(path: str, meta: dict, rows: list[dict]) -> None:
@@ -81,6 +105,7 @@ def plot(path: str, rows: list[dict]) -> str:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return "matplotlib is not installed: no plot (pip install matplotlib to get one)"
     panels = []
@@ -105,6 +130,8 @@ def plot(path: str, rows: list[dict]) -> str:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{op} {mode} [{provider}]")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xlabel(axis)
         ax.set_ylabel("speedup over the dense reference")

@@ -197,3 +197,31 @@ def test_peak_memory_sees_a_large_allocation():
 def test_quantile():
     assert T.quantile([3.0, 1.0, 2.0], 0.5) == 2.0
     assert T.quantile([1.0, 2.0], 0.2) == pytest.approx(1.2)
+
+
+def test_time_interleaved_reports_failures():
+    calls = []
+
+    def good(x):
+        calls.append(("good", x))
+        return x
+
+    def bad(x):
+        raise RuntimeError("boom")
+
+    cfg = T.TimingConfig(warmup_calls=1, min_reps=4, max_reps=4, target_time=0.0)
+    timings = T.time_interleaved([good, bad, good], [1, 2], cfg)
+    assert isinstance(timings[1], RuntimeError)
+    assert timings[0].reps == timings[2].reps == 4
+    assert [x for _, x in calls[2:6]] == [1, 1, 2, 2]      # turns: A C A C on the same input
+
+
+def test_group_shares_inputs_and_interleaves():
+    shape = S.NAMED["tiny"]
+    cases = [C.make_case("gather_combine", "fwd", p, shape, torch.float32, torch.device("cpu"))
+             for p in ("reference", "torch")]
+    rows = cli.run_group(cases, T.TimingConfig(warmup_calls=1, min_reps=2, max_reps=2, target_time=0.0),
+                         T.Ceilings(1e12, 1, 1e11, 1), 1 << 20)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert all(r["interleaved"] and r["reps"] == 2 for r in rows)
+    assert rows[0]["speedup_vs_reference"] == 1.0 and rows[1]["speedup_vs_reference"] > 0

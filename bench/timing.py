@@ -1,7 +1,8 @@
 """Timers, peak-memory probes, the run's ceilings and the machine description.
 
 GPU: one pair of CUDA events around every call, after a warm-up; the medians are over calls.
-CPU: time.perf_counter around every call (the ops are synchronous there).
+CPU: time.perf_counter around every call (the ops are synchronous there); the providers of one case
+take turns call by call (time_interleaved), so that the load of a shared machine hits them alike.
 Peak memory of one call (the extra memory the call needs above what was allocated before it):
 GPU: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus memory_allocated()
 before the call (method "cuda-max-allocated"). CPU: growth of the process's resident set, peak
@@ -52,7 +53,7 @@ class TimingConfig:
                        target_time=0.1 if quick else 0.3)
         if quick:
             return cls(warmup_calls=1, warmup_time=0.0, min_reps=2, max_reps=10, target_time=0.2)
-        return cls(warmup_calls=1, warmup_time=0.2, min_reps=3, max_reps=50, target_time=1.5)
+        return cls(warmup_calls=1, warmup_time=0.0, min_reps=3, max_reps=50, target_time=1.0)
 
 
 @dataclasses.dataclass
@@ -105,6 +106,47 @@ def time_calls(fn: Callable[[Any], Any], inputs: list, device: torch.device, cfg
             r += 1
     return Timing(median=quantile(samples, 0.5), p20=quantile(samples, 0.2), p80=quantile(samples, 0.8),
                   reps=len(samples), samples=samples)
+
+
+def time_interleaved(fns: list[Callable[[Any], Any]], inputs: list, cfg: TimingConfig) -> list:
+    """CPU: time several providers of one case in turns (A B C A B C ...) on the same inputs, so that a
+    change of machine load during the run hits every provider alike. Each provider stops once it has
+    its own min_reps and target_time. Returns a Timing per fn, or the exception that fn raised."""
+    n = len(inputs)
+    results: list = [None] * len(fns)
+    samples: list[list[float]] = [[] for _ in fns]
+    for k, fn in enumerate(fns):   # warm-up, in turn as well
+        try:
+            start, i = time.perf_counter(), 0
+            while i < cfg.warmup_calls or time.perf_counter() - start < cfg.warmup_time:
+                out = fn(inputs[i % n])
+                del out
+                i += 1
+        except Exception as e:  # noqa: BLE001 - reported in the provider's row
+            results[k] = e
+    active = [k for k in range(len(fns)) if results[k] is None]
+    r = 0
+    while active:
+        for k in list(active):
+            try:
+                t0 = time.perf_counter()
+                out = fns[k](inputs[r % n])
+                t1 = time.perf_counter()
+                del out
+            except Exception as e:  # noqa: BLE001
+                results[k] = e
+                active.remove(k)
+                continue
+            samples[k].append(t1 - t0)
+            done = len(samples[k])
+            if done >= cfg.max_reps or (done >= cfg.min_reps and sum(samples[k]) >= cfg.target_time):
+                active.remove(k)
+        r += 1
+    for k, xs in enumerate(samples):
+        if results[k] is None:
+            results[k] = Timing(median=quantile(xs, 0.5), p20=quantile(xs, 0.2), p80=quantile(xs, 0.8),
+                                reps=len(xs), samples=xs)
+    return results
 
 
 # ---- peak memory ------------------------------------------------------------------------------
