@@ -254,3 +254,26 @@ def test_deterministic_backward_is_bitwise_reproducible(dev):
             runs.append(_grads(mxd_fast.topk_gate, x, w, b, 4, dy))
     for a, c in zip(*runs):
         assert torch.equal(a, c)
+
+
+# ---- GPU only: autotuned configurations and realistic sizes ---------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("B,I,N,k", [(300, 96, 5000, 32), (1030, 512, 21490, 64), (64, 768, 21490, 256), (7, 200, 9000, 1)])
+def test_autotuned_kernel_on_gpu(B, I, N, k, dtype, monkeypatch):
+    monkeypatch.setenv("MXD_FAST_AUTOTUNE", "1")
+    x, w, b = make(B, I, N, dtype, torch.device("cuda"), seed=18)
+    with mxd_fast.use_backend("triton"), poison_outputs():
+        values, indices = mxd_fast.topk_gate(x, w, b, k)
+        check(x, w, b, k, values, indices)
+        # every configuration the tuner may pick selects the same values (up to rounding)
+        scale = values.double().abs().max().item() + 1.0
+        for cfg in tgk._CUDA_CONFIGS:
+            bb, bn, bi, warps, stages, full = cfg
+            c = dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_I=bi, FULL_MERGE=full)
+            if not tgk._fits(c, tgk._next_pow2(k), warps):
+                continue
+            v2, i2 = tgk._forward(x, w, b, k, config=dict(c, num_warps=warps, num_stages=stages))
+            assert (v2.double() - values.double()).abs().max().item() <= 4 * TOL[dtype] * scale, cfg
+            assert all(len(set(row.tolist())) == k for row in i2.cpu()), cfg
