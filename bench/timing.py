@@ -76,12 +76,16 @@ def time_calls(fn: Callable[[Any], Any], inputs: list, device: torch.device, cfg
     i = 0
     sync(device)
     start = time.perf_counter()
+    warm: list[float] = []
     while i < cfg.warmup_calls or time.perf_counter() - start < cfg.warmup_time:
+        t0 = time.perf_counter()
         out = fn(inputs[i % n])
         del out
         sync(device)
+        warm.append(time.perf_counter() - t0)
         i += 1
-    per_call = (time.perf_counter() - start) / max(i, 1)
+    # the first call may compile or autotune: estimate the cost of a call from the later ones
+    per_call = quantile(warm[1:] or warm, 0.5)
     samples: list[float] = []
     if device.type == "cuda":
         reps = int(min(cfg.max_reps, max(cfg.min_reps, cfg.target_time / max(per_call, 1e-6))))
