@@ -25,8 +25,10 @@ from pathlib import Path
 CSRC = Path(__file__).resolve().parent
 KERNEL_DIR = CSRC / "cuda"
 DEFAULT_ARCHS = ("sm_80", "sm_90a")
-# The flags setup.py gives nvcc (besides the architecture).
-NVCC_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo")
+# The flags a torch CUDAExtension build gives nvcc (setup.py's and torch's own), besides the
+# architecture and the include paths.
+NVCC_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-D__CUDA_NO_HALF_OPERATORS__",
+              "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__")
 
 
 @dataclasses.dataclass
