@@ -95,9 +95,9 @@ def _tile_bits(x_ptr, w_ptr, b_ptr, rows64, row_ok, n0, N, I,
     if HAS_BIAS:
         bias = tl.load(b_ptr + cols64 * stride_bn, mask=col_ok, other=0.0)
         acc = acc + bias.to(tl.float32)[None, :]
-    bits = acc.to(tl.int32, bitcast=True)
-    # relu (also maps -0.0 to +0.0); NaN fails both comparisons and gets the top pattern.
-    bits = tl.where(acc <= 0.0, 0, bits)
+    # relu on the bit pattern: every negative float (and -0.0) reads as a negative int32. NaN
+    # (of either sign) gets the top pattern.
+    bits = tl.maximum(acc.to(tl.int32, bitcast=True), 0)
     bits = tl.where(acc != acc, _NAN_BITS, bits)
     bits = tl.where(row_ok[:, None] & col_ok[None, :], bits, -1)
     return bits, cols

@@ -162,14 +162,16 @@ def test_nan_and_inf_rank_like_torch(dev):
     """NaN is the largest value (as in torch.topk), then +inf; neither is dropped."""
     x, w, b = make(6, 5, 50, torch.float32, dev, seed=9)
     b[11] = float("nan")
+    b[20] = -b[11]                                   # a NaN with the sign bit set
     b[30] = float("inf")
     b[45] = float("-inf")
     for split in (1, 2):
-        values, indices = tgk._forward(x, w, b, 4, split=split)
-        assert torch.isnan(values[:, 0]).all() and (indices[:, 0] == 11).all()
-        assert (values[:, 1] == float("inf")).all() and (indices[:, 1] == 30).all()
-        ref_v, _ = reference.topk_gate(x, w, b, 4)
-        torch.testing.assert_close(values[:, 2:], ref_v[:, 2:], rtol=1e-5, atol=1e-5)
+        values, indices = tgk._forward(x, w, b, 5, split=split)
+        assert torch.isnan(values[:, :2]).all()
+        assert (indices[:, :2].sort(1).values == torch.tensor([11, 20], device=dev)).all()
+        assert (values[:, 2] == float("inf")).all() and (indices[:, 2] == 30).all()
+        ref_v, _ = reference.topk_gate(x, w, b, 5)
+        torch.testing.assert_close(values[:, 3:], ref_v[:, 3:], rtol=1e-5, atol=1e-5)
         assert not (indices == 45).any()
 
 
