@@ -167,7 +167,8 @@ scatter_sum_kernel(const int32_t* __restrict__ row_ptr, const int32_t* __restric
   const int64_t n = static_cast<int64_t>(blockIdx.x) * (kRowThreads / kWarp) + (threadIdx.x / kWarp);
   if (n >= sel.N) return;
   A sum = A(0);
-  for (int32_t e = row_ptr[n] + lane; e < row_ptr[n + 1]; e += kWarp) {
+  const int32_t e_end = row_ptr[n + 1];
+  for (int32_t e = row_ptr[n] + lane; e < e_end; e += kWarp) {
     long long row;
     A coef;
     load_entry<T>(sel, entries[e], row, coef);
