@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 
@@ -120,4 +121,4 @@ def maybe_check_index_range(op: str, name: str, indices: torch.Tensor, n: int, n
 
 def flatten_leading(t: torch.Tensor) -> torch.Tensor:
     """[..., D] -> [prod(...), D] (a view where possible)."""
-    return t.reshape(-1, t.shape[-1])
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])  # not -1: the last dimension may be 0
