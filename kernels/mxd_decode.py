@@ -32,13 +32,13 @@ __all__ = ["mxd_decode_forward", "mxd_decode_backward"]
 
 
 @triton.jit
-def _mxd_decode_kernel(z_ptr, dec_ptr, exp_ptr, val_ptr, idx_ptr, bias_ptr, g_ptr, y_ptr, gh_ptr, gc_ptr,
+def _mxd_decode_kernel(z_ptr, dec_ptr, exp_ptr, val_ptr, idx_ptr, ct_ptr, bias_ptr, g_ptr, y_ptr, gh_ptr, gc_ptr,
                        B, H, O, N, K, B_BUCKET,
-                       s_zb, s_zh, s_dh, s_do, s_en, s_eo, s_vb, s_vk, s_ib, s_ik, s_bias,
+                       s_zb, s_zh, s_dh, s_do, s_en, s_eo, s_vb, s_vk, s_ib, s_ik, s_tb, s_to, s_bias,
                        s_gb, s_go, s_yb, s_yo, s_hb, s_ho, s_cb, s_co,
-                       GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_Y: tl.constexpr,
+                       C_SOURCE: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_Y: tl.constexpr,
                        WRITE_GH: tl.constexpr, WRITE_GC: tl.constexpr, PRECISION: tl.constexpr,
-                       DOT_FP32: tl.constexpr,
+                       DOT_FP32: tl.constexpr, UNROLL: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
                        GROUP_M: tl.constexpr):
     # Grouped tile order: GROUP_M row tiles share the decoder column tiles while they sit in L2.
@@ -51,16 +51,22 @@ def _mxd_decode_kernel(z_ptr, dec_ptr, exp_ptr, val_ptr, idx_ptr, bias_ptr, g_pt
     pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
     pid_n = (pid % (GROUP_M * num_n)) // size_m
 
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    mm = rm < B
-    mn = rn < O
+    # 64-bit scalar tile origins; 32-bit offsets inside a tile (the host checks they fit).
+    row0 = pid_m * BLOCK_M
+    col0 = pid_n * BLOCK_N
+    lm = tl.arange(0, BLOCK_M)
+    ln = tl.arange(0, BLOCK_N)
     rh = tl.arange(0, BLOCK_H)
+    mm = (row0 + lm) < B
+    mn = (col0 + ln) < O
+    mask = mm[:, None] & mn[None, :]
+    row0_64 = row0.to(tl.int64)
+    col0_64 = col0.to(tl.int64)
 
     # ---- z @ decoder -----------------------------------------------------------------
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    z_ptrs = z_ptr + rm[:, None] * s_zb + rh[None, :].to(tl.int64) * s_zh
-    d_ptrs = dec_ptr + rh[:, None].to(tl.int64) * s_dh + rn[None, :] * s_do
+    z_ptrs = z_ptr + row0_64 * s_zb + (lm[:, None] * s_zb + rh[None, :] * s_zh)
+    d_ptrs = dec_ptr + col0_64 * s_do + (rh[:, None] * s_dh + ln[None, :] * s_do)
     for h0 in range(0, H, BLOCK_H):
         mh = (h0 + rh) < H
         a = tl.load(z_ptrs, mask=mm[:, None] & mh[None, :], other=0.0)
@@ -72,53 +78,67 @@ def _mxd_decode_kernel(z_ptr, dec_ptr, exp_ptr, val_ptr, idx_ptr, bias_ptr, g_pt
         z_ptrs += BLOCK_H * s_zh
         d_ptrs += BLOCK_H * s_dh
 
-    mask = mm[:, None] & mn[None, :]
-    # ---- epilogue: gathered expert mixture c~ for this tile -------------------------------
-    if GATHER:
+    # ---- epilogue: the expert mixture c~ = a C for this tile --------------------------------
+    if C_SOURCE == 1:
+        # gathered here: K row slices of `experts`, UNROLL of them issued before they are summed
         c = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for j in range(0, K):
-            n = tl.load(idx_ptr + rm * s_ib + j * s_ik, mask=mm, other=-1)
-            v = tl.load(val_ptr + rm * s_vb + j * s_vk, mask=mm, other=0).to(tl.float32)
-            ok = mm & (n >= 0) & (n < N)
-            n = tl.where(ok, n, 0).to(tl.int64)
-            e = tl.load(exp_ptr + n[:, None] * s_en + rn[None, :] * s_eo, mask=ok[:, None] & mn[None, :],
-                        other=0.0).to(tl.float32)
-            c += v[:, None] * e
+        i_ptrs = idx_ptr + row0_64 * s_ib + lm * s_ib
+        v_ptrs = val_ptr + row0_64 * s_vb + lm * s_vb
+        e_cols = exp_ptr + col0_64 * s_eo + ln * s_eo
+        for j0 in range(0, K, UNROLL):
+            for u in tl.static_range(UNROLL):
+                j = j0 + u
+                mj = mm & ((lm * 0 + j) < K)
+                n = tl.load(i_ptrs + j * s_ik, mask=mj, other=-1)
+                v = tl.load(v_ptrs + j * s_vk, mask=mj, other=0).to(tl.float32)
+                ok = mj & (n >= 0) & (n < N)
+                n = tl.where(ok, n, 0).to(tl.int64)
+                e = tl.load(e_cols[None, :] + n[:, None] * s_en, mask=ok[:, None] & mn[None, :],
+                            other=0.0).to(tl.float32)
+                c += v[:, None] * e
+    elif C_SOURCE == 2:
+        # precomputed by an embedding bag
+        c = tl.load(ct_ptr + row0_64 * s_tb + col0_64 * s_to + (lm[:, None] * s_tb + ln[None, :] * s_to),
+                    mask=mask, other=0.0).to(tl.float32)
     if WRITE_Y:
         y = acc * c
         if HAS_BIAS:
-            y += tl.load(bias_ptr + rn * s_bias, mask=mn, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * s_yb + rn[None, :] * s_yo, y.to(y_ptr.dtype.element_ty), mask=mask)
+            y += tl.load(bias_ptr + col0_64 * s_bias + ln * s_bias, mask=mn, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + row0_64 * s_yb + col0_64 * s_yo + (lm[:, None] * s_yb + ln[None, :] * s_yo),
+                 y.to(y_ptr.dtype.element_ty), mask=mask)
     if WRITE_GH or WRITE_GC:
-        g = tl.load(g_ptr + rm[:, None] * s_gb + rn[None, :] * s_go, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + row0_64 * s_gb + col0_64 * s_go + (lm[:, None] * s_gb + ln[None, :] * s_go),
+                    mask=mask, other=0.0).to(tl.float32)
         if WRITE_GH:
-            tl.store(gh_ptr + rm[:, None] * s_hb + rn[None, :] * s_ho, (g * c).to(gh_ptr.dtype.element_ty),
-                     mask=mask)
+            tl.store(gh_ptr + row0_64 * s_hb + col0_64 * s_ho + (lm[:, None] * s_hb + ln[None, :] * s_ho),
+                     (g * c).to(gh_ptr.dtype.element_ty), mask=mask)
         if WRITE_GC:
-            tl.store(gc_ptr + rm[:, None] * s_cb + rn[None, :] * s_co, (g * acc).to(gc_ptr.dtype.element_ty),
-                     mask=mask)
+            tl.store(gc_ptr + row0_64 * s_cb + col0_64 * s_co + (lm[:, None] * s_cb + ln[None, :] * s_co),
+                     (g * acc).to(gc_ptr.dtype.element_ty), mask=mask)
 
 
-def _config(bm, bn, bh, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_H": bh, "GROUP_M": 8}, num_warps=warps,
-                         num_stages=stages)
+def _config(bm, bn, bh, warps, stages, unroll):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_H": bh, "GROUP_M": 8, "UNROLL": unroll},
+                         num_warps=warps, num_stages=stages)
 
 
-# H100: the epilogue holds a second fp32 tile (c~) next to the accumulator, so tiles stay <= 128 x 128.
+# H100. The gathered epilogue holds a second fp32 tile (c~) next to the accumulator: at 128 x 128 per
+# 8 warps that is ~240 registers per thread (sm_90 compile, no spills with UNROLL=1); smaller tiles
+# can issue more gathers at once (UNROLL) and fit two programs per SM.
 _CUDA_CONFIGS = [
-    _config(128, 128, 64, 8, 3),
-    _config(128, 128, 32, 8, 4),
-    _config(128, 64, 64, 4, 4),
-    _config(64, 128, 64, 4, 4),
-    _config(64, 64, 64, 4, 4),
-    _config(64, 64, 32, 4, 5),
+    _config(128, 128, 64, 8, 3, 1),
+    _config(128, 128, 32, 8, 4, 1),
+    _config(128, 64, 64, 4, 4, 1),
+    _config(64, 128, 64, 4, 4, 1),
+    _config(64, 64, 64, 4, 4, 4),
+    _config(64, 64, 32, 4, 5, 2),
 ]
 
 _mxd_decode_tuned = triton.autotune(configs=_CUDA_CONFIGS,
-                                    key=["B_BUCKET", "H", "O", "K", "GATHER", "WRITE_Y", "WRITE_GH", "WRITE_GC"],
+                                    key=["B_BUCKET", "H", "O", "K", "C_SOURCE", "WRITE_Y", "WRITE_GH", "WRITE_GC"],
                                     )(_mxd_decode_kernel)
 
-_INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_H=16, GROUP_M=2, num_warps=1)
+_INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_H=16, GROUP_M=2, UNROLL=2, num_warps=1)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -134,6 +154,11 @@ def _precision(dtype: torch.dtype) -> str:
 # pass over [B, O]; every other case runs the fused kernel. "always" / "never" force one path.
 SPLIT_GEMM = "auto"
 
+# Where the fused kernel's epilogue takes c~ = a C from. "gather": gathered inside the epilogue (c~
+# never reaches global memory). "precomputed": an embedding-bag pass writes c~ [B, O] first (many
+# small programs hide the gather latency better) and the epilogue reads it as a plain tile.
+EPILOGUE_SOURCE = "gather"
+
 
 def _split_gemm(z: Tensor) -> bool:
     if SPLIT_GEMM == "auto":
@@ -141,25 +166,53 @@ def _split_gemm(z: Tensor) -> bool:
     return SPLIT_GEMM == "always"
 
 
-def _launch(z, decoder, experts, values, indices, bias, grad, y, gh, gc, *, gather, write_y, write_gh, write_gc):
+_INT32_MAX = 2 ** 31 - 1
+_TILE = (max(c.kwargs["BLOCK_M"] for c in _CUDA_CONFIGS), max(c.kwargs["BLOCK_N"] for c in _CUDA_CONFIGS),
+         max(c.kwargs["BLOCK_H"] for c in _CUDA_CONFIGS))
+
+
+def _span(t: Tensor, rows: int, cols: int) -> int:
+    """Largest element offset inside a [rows, cols] tile of t (the kernel keeps these in 32 bits)."""
+    return (rows - 1) * t.stride(0) + (cols - 1) * t.stride(1)
+
+
+def _tiles_fit(z, decoder, experts, values, indices, *others) -> bool:
+    bm, bn, bh = _TILE
+    K = indices.shape[1]
+    spans = [_span(z, bm, bh), _span(decoder, bh, bn), (bn - 1) * experts.stride(1),
+             (bm - 1) * values.stride(0) + K * values.stride(1), (bm - 1) * indices.stride(0) + K * indices.stride(1)]
+    spans += [_span(t, bm, bn) for t in others if t is not None]
+    spans.append((bm - 1) * decoder.shape[1] + bn - 1)  # the contiguous [B, O] outputs
+    return max(spans) <= _INT32_MAX
+
+
+def _fit_tiles(z, decoder, experts, values, indices, *others):
+    """The inputs, made contiguous where a strided view would overflow the kernel's 32-bit in-tile
+    offsets; None when even contiguous tensors would (the caller falls back to the torch backend)."""
+    if _tiles_fit(z, decoder, experts, values, indices, *others):
+        return (z, decoder, experts, values, indices, *others)
+    fixed = [t.contiguous() if t is not None else None for t in (z, decoder, experts, values, indices, *others)]
+    return fixed if _tiles_fit(*fixed) else None
+
+
+def _launch(z, decoder, experts, values, indices, *, c_source, c_tilde=None, bias=None, grad=None, y=None,
+            gh=None, gc=None):
     B, H = z.shape
     O = decoder.shape[1]
     N, K = experts.shape[0], indices.shape[1]
-    any_out = y if y is not None else (gh if gh is not None else gc)
-    bias_t = bias if bias is not None else any_out
-    grad_t = grad if grad is not None else any_out
-    y_t = y if y is not None else any_out
-    gh_t = gh if gh is not None else any_out
-    gc_t = gc if gc is not None else any_out
-    args = (z, decoder, experts, values, indices, bias_t, grad_t, y_t, gh_t, gc_t,
+    any_out = next(t for t in (y, gh, gc) if t is not None)
+    ct_t, bias_t, grad_t, y_t, gh_t, gc_t = (t if t is not None else any_out
+                                            for t in (c_tilde, bias, grad, y, gh, gc))
+    args = (z, decoder, experts, values, indices, ct_t, bias_t, grad_t, y_t, gh_t, gc_t,
             B, H, O, N, K, triton.next_power_of_2(max(B, 1)),
             z.stride(0), z.stride(1), decoder.stride(0), decoder.stride(1), experts.stride(0), experts.stride(1),
             values.stride(0), values.stride(1), indices.stride(0), indices.stride(1),
-            bias_t.stride(0) if bias is not None else 0,
+            ct_t.stride(0), ct_t.stride(1), bias_t.stride(0),
             grad_t.stride(0), grad_t.stride(1), y_t.stride(0), y_t.stride(1),
             gh_t.stride(0), gh_t.stride(1), gc_t.stride(0), gc_t.stride(1))
-    flags = dict(GATHER=gather, HAS_BIAS=bias is not None, WRITE_Y=write_y, WRITE_GH=write_gh, WRITE_GC=write_gc,
-                 PRECISION=_precision(z.dtype), DOT_FP32=not z.is_cuda and z.dtype == torch.bfloat16)
+    flags = dict(C_SOURCE=c_source, HAS_BIAS=bias is not None, WRITE_Y=y is not None, WRITE_GH=gh is not None,
+                 WRITE_GC=gc is not None, PRECISION=_precision(z.dtype),
+                 DOT_FP32=not z.is_cuda and z.dtype == torch.bfloat16)
 
     def grid(meta):
         return (triton.cdiv(B, meta["BLOCK_M"]) * triton.cdiv(O, meta["BLOCK_N"]),)
@@ -182,8 +235,15 @@ def mxd_decode_forward(z: Tensor, decoder: Tensor, experts: Tensor, values: Tens
     if _split_gemm(z):
         torch.matmul(z, decoder, out=y)
         return embedding_bag(experts, values, indices, scale=y, bias=bias, out=y)
-    _launch(z, decoder, experts, values, indices, bias, None, y, None, None,
-            gather=True, write_y=True, write_gh=False, write_gc=False)
+    fitted = _fit_tiles(z, decoder, experts, values, indices)
+    if fitted is None:
+        return _torch_impl.mxd_decode_torch_forward(z, decoder, experts, values, indices, bias)
+    z, decoder, experts, values, indices = fitted
+    if EPILOGUE_SOURCE == "precomputed":
+        c_tilde = embedding_bag(experts, values, indices)
+        _launch(z, decoder, experts, values, indices, c_source=2, c_tilde=c_tilde, bias=bias, y=y)
+    else:
+        _launch(z, decoder, experts, values, indices, c_source=1, bias=bias, y=y)
     return y
 
 
@@ -201,17 +261,24 @@ def mxd_decode_backward(grad_y: Tensor, z: Tensor, decoder: Tensor, experts: Ten
     need_h = need_z or need_decoder
     need_c = need_experts or need_values
     grad_h = grad_c = None
+    if B > 0 and O > 0 and need_c and not _split_gemm(z):
+        fitted = _fit_tiles(z, decoder, experts, values, indices, grad_y)
+        if fitted is None:
+            return _torch_impl.mxd_decode_torch_backward(grad_y, z, decoder, experts, values, indices, need_z,
+                                                         need_decoder, need_experts, need_values, need_bias,
+                                                         deterministic)
+        z, decoder, experts, values, indices, grad_y = fitted
     if B > 0 and O > 0:
+        fuse_h = need_h and need_c and not _split_gemm(z) and EPILOGUE_SOURCE == "gather"
+        if need_h and not fuse_h:
+            grad_h = embedding_bag(experts, values, indices, scale=grad_y)        # grad_y * c~
         if need_c and _split_gemm(z):
             grad_c = torch.matmul(z, decoder, out=new_empty((B, O), dtype, device)).mul_(grad_y)
-            grad_h = embedding_bag(experts, values, indices, scale=grad_y) if need_h else None
         elif need_c:
             grad_c = new_empty((B, O), dtype, device)
-            grad_h = new_empty((B, O), dtype, device) if need_h else None
-            _launch(z, decoder, experts, values, indices, None, grad_y, None, grad_h, grad_c,
-                    gather=need_h, write_y=False, write_gh=need_h, write_gc=True)
-        elif need_h:
-            grad_h = embedding_bag(experts, values, indices, scale=grad_y)
+            grad_h = new_empty((B, O), dtype, device) if fuse_h else grad_h
+            _launch(z, decoder, experts, values, indices, c_source=1 if fuse_h else 0, grad=grad_y,
+                    gh=grad_h if fuse_h else None, gc=grad_c)
     if need_h and grad_h is None:
         grad_h = new_empty((B, O), dtype, device).zero_()
     if need_c and grad_c is None:

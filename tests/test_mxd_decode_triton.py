@@ -182,3 +182,20 @@ def test_mxd_decode_split_gemm_path(dev, dtype, monkeypatch):
         inputs = make_inputs((2, 9), 19, 29, 8, 3, dtype, dev, seed=31, has_bias=has_bias)
         run_case(inputs, dtype, grad_kind="strided")
     run_case(make_inputs((12,), 19, 29, 8, 3, dtype, dev, seed=37), dtype, requires=("experts",))
+
+
+def test_mxd_decode_precomputed_epilogue_path(dev, monkeypatch):
+    """The variant whose epilogue reads c~ precomputed by an embedding bag."""
+    monkeypatch.setattr(mdk, "EPILOGUE_SOURCE", "precomputed")
+    run_case(make_inputs((2, 9), 19, 29, 8, 3, torch.bfloat16, dev, seed=41), torch.bfloat16, grad_kind="strided")
+    run_case(make_inputs((13,), 17, 21, 6, 6, torch.float32, dev, seed=43, has_bias=False), torch.float32)
+
+
+@pytest.mark.parametrize("limit", [4000, 10])
+def test_mxd_decode_offset_guard(dev, monkeypatch, limit):
+    """Strided views whose in-tile offsets would overflow 32 bits are made contiguous (limit 4000
+    here), or the torch backend runs when even that would overflow (limit 10)."""
+    monkeypatch.setattr(mdk, "_INT32_MAX", limit)
+    z, decoder, experts, values, indices, bias = make_inputs((15,), 22, 26, 10, 3, torch.float32, dev, seed=47)
+    z = torch.cat([z, z], 1)[:, ::2]
+    run_case((z, decoder, experts, values, indices, bias), torch.float32, grad_kind="strided")
