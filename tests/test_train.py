@@ -297,6 +297,21 @@ def test_mixed_precision_keeps_fp32_master_weights(dtype):
     torch.testing.assert_close(want, layer.decoder.grad, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("arch", T.ARCHS)
+def test_fold_scales_is_exact(arch):
+    torch.manual_seed(0)
+    layer = T.build_layer(arch, 10, 10, 3, 17, d_hidden=14, glu=arch == "mxd")
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p))
+    x = torch.randn(9, 10)
+    want = layer(x * 3.5) / 0.25
+    folded = T.fold_scales(layer, 3.5, 0.25)
+    torch.testing.assert_close(folded(x), want, rtol=1e-5, atol=1e-4)
+    scales = T.activation_scales(torch.full((4, 9), 2.0), torch.full((4, 16), 0.5))
+    assert scales == pytest.approx((1 / 2, 4 / 2))
+
+
 # ---- files -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", T.ARCHS)
@@ -342,7 +357,7 @@ def _args(tiny, out, *extra):
 
 def test_main_end_to_end(tiny, tmp_path):
     out = tmp_path / "run"
-    metrics = T.main(_args(tiny, out, "--arch", "mxd"))
+    metrics = T.main(_args(tiny, out, "--arch", "mxd", "--normalize", "scalar"))
     on_disk = json.loads((out / "metrics.json").read_text())
     for key in ("nmse", "l0", "dead_fraction", "ce_clean", "ce_spliced", "ce_zero_ablation", "delta_ce", "tokens",
                 "tokens_per_s"):
@@ -356,6 +371,9 @@ def test_main_end_to_end(tiny, tmp_path):
     assert layer.num_parameters() <= T.budget_parameters(32, 32, 256)
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["layer"] == 1
+    assert on_disk["x_scale"] > 1  # the tiny model's MLP inputs have norms below sqrt(d)
+    # the saved layer has the scales folded in: it maps the model's own x to y on held-out text
+    assert on_disk["eval_nmse"] < 1.0
     ids = torch.randint(0, 200, (2, 10))
     with spliced(tiny["model"], 1, layer), torch.no_grad():
         assert torch.isfinite(tiny["model"](input_ids=ids).logits).all()
@@ -373,7 +391,7 @@ def test_main_baseline_and_plot(tiny, tmp_path):
 def test_resume_equals_uninterrupted_run(tiny, tmp_path):
     from safetensors.torch import load_file
     full, part = tmp_path / "full", tmp_path / "part"
-    args = ("--eval-tokens", "0", "--seed", "3")
+    args = ("--eval-tokens", "0", "--seed", "3", "--normalize", "scalar")
     T.main(_args(tiny, full, *args))
     stopped = T.main(_args(tiny, part, *args, "--stop-after", "7"))
     assert stopped["stopped"] and not (part / "layer.safetensors").exists()
