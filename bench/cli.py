@@ -302,6 +302,19 @@ def _main(args) -> int:
             print(f"  {job.op:14s} {job.mode:7s} {job.shape.name:28s} {row['provider']:10s} {took:>12s} {status}",
                   flush=True)
         rows += group
+    # The ceilings again at the end: on a shared machine the load changes during the run, and the
+    # fractions use the better of the two measurements.
+    end = T.measure_ceilings(device, dtype, args.quick, cfg)
+    ceilings = T.Ceilings(matmul_flops=max(ceilings.matmul_flops, end.matmul_flops), matmul_n=ceilings.matmul_n,
+                          copy_bytes=max(ceilings.copy_bytes, end.copy_bytes), copy_mib=ceilings.copy_mib)
+    meta["ceilings_start"], meta["ceilings_end"] = meta["ceilings"], end.as_dict()
+    meta["ceilings"] = ceilings.as_dict()
+    for row in rows:
+        if row["median"]:
+            row["frac_matmul"] = row["flops"] / row["median"] / ceilings.matmul_flops
+            if row["bytes"] is not None:
+                row["frac_copy"] = row["bytes"] / row["median"] / ceilings.copy_bytes
+    meta["load_average_end"] = os.getloadavg()
     text = report.legend(meta) + "\n\n" + report.table(rows)
     train_summary = report.summary(rows)
     if train_summary:

@@ -59,10 +59,12 @@ def legend(meta: dict) -> str:
         f"device: {meta['device']} ({meta['device_name']}), dtype {meta['dtype']}, "
         f"torch {meta['versions']['torch']}, triton {meta['versions']['triton']}, commit {meta['git_commit'][:12]}, "
         f"{meta['date']}",
-        f"ceilings measured in this run: matmul {c['matmul_n']}^3 {meta['dtype']} = "
+        f"ceilings (the better of two measurements, at the start and at the end of this run): "
+        f"matmul {c['matmul_n']}^3 {meta['dtype']} = "
         f"{c['matmul_flops'] / 1e12:.3g} TFLOP/s; copy of {c['copy_mib']} MiB = {c['copy_bytes'] / 1e9:.3g} GB/s"
-        + (f"; {meta['threads']} threads, load average {meta['load_average'][0]:.1f} at the start, providers timed "
-           "in turns call by call" if meta["device"] == "cpu" else ""),
+        + (f"; {meta['threads']} threads, load average {meta['load_average'][0]:.1f} at the start, "
+           f"{meta.get('load_average_end', (math.nan,))[0]:.1f} at the end; providers timed in turns call by call"
+           if meta["device"] == "cpu" else ""),
         "TFLOP/s: the provider's own FLOPs (dense providers: dense products, sparse providers: K-sparse products; "
         "see bench/cases.py); %mm = TFLOP/s / matmul ceiling; GB/s: compulsory bytes / median, %bw = of the copy "
         "ceiling; peak MiB: " + meta["memory_method"] + "; x ref = reference median / median",
