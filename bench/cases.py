@@ -97,13 +97,9 @@ class Case:
     def estimated_memory(self, copies: int) -> int:
         return int(self.workspace_bytes + copies * self.input_bytes)
 
-    @property
-    def input_key(self) -> tuple:
-        """Cases with the same key take the same inputs: the providers of one op, mode and shape."""
-        return (self.op, self.mode, self.shape, self.dtype, str(self.device))
-
     def make_inputs(self, copies: int) -> list:
-        """`copies` independent random inputs (different seeds), rotated over by the timers."""
+        """`copies` independent random inputs (different seeds), rotated over by the timers. Every
+        provider of one op, mode and shape gets the same inputs."""
         return [self._inputs(c) for c in range(copies)]
 
     def make_fn(self) -> Callable[[Any], Any]:

@@ -78,6 +78,9 @@ def select_jobs(args, device_type: str) -> list[Job]:
     else:
         jobs = [j for j in default_jobs(device_type, args.quick) if ops is None or j.op in ops]
     if modes:
+        unknown = set(modes) - {*C.OP_MODES, C.TRAIN_MODE}
+        if unknown:
+            raise SystemExit(f"unknown mode(s) {', '.join(sorted(unknown))}; known: fwd, fwd+bwd, step")
         jobs = [j for j in jobs if j.mode in modes]
     return jobs
 
@@ -268,6 +271,10 @@ def _main(args) -> int:
         torch.set_num_threads(threads)
     jobs = select_jobs(args, device.type)
     requested = args.providers.split(",") if args.providers else None
+    known = {p for op in C.OPS for p in C.all_providers(op)}
+    if requested and set(requested) - known:
+        raise SystemExit(f"unknown provider(s) {', '.join(sorted(set(requested) - known))}; "
+                         f"known: {', '.join(sorted(known))}")
     now = datetime.datetime.now(datetime.timezone.utc)
     cfg = T.TimingConfig.for_device(device, args.quick)
     if args.reps:

@@ -225,3 +225,9 @@ def test_group_shares_inputs_and_interleaves():
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert all(r["interleaved"] and r["reps"] == 2 for r in rows)
     assert rows[0]["speedup_vs_reference"] == 1.0 and rows[1]["speedup_vs_reference"] > 0
+
+
+def test_cli_rejects_unknown_names():
+    for argv in (["--ops", "nope"], ["--providers", "nope"], ["--modes", "nope"]):
+        with pytest.raises(SystemExit):
+            cli.main(["--device", "cpu", "--quick", *argv])
