@@ -527,6 +527,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                      "scales": (x_scale, y_scale),
                      "args": vars(args)}, ckpt_path)
 
+    t_train = time.perf_counter()
+    start_step, harvest_s0 = step, buffer.harvest_seconds
     if scales is None:
         if args.normalize == "scalar":
             buffer.fill()
@@ -540,8 +542,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         f"warm-up {warmup} steps, {args.dtype}, {world} rank(s)")
     bar = _progress(steps, step, rank == 0 and not args.quiet)
     log.bar = bar
-    t_train = time.perf_counter()
-    start_step, harvest_s0 = step, buffer.harvest_seconds
     with use_backend(args.backend):
         while step < stop:
             x, y = buffer.next_batch(rank_batch)
@@ -609,6 +609,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             "dead_fraction": stats.dead_fraction(step * args.batch, args.dead_window),
             "loss": last.get("loss"), "tokens": step * args.batch, "tokens_per_s": tokens_per_s,
             "train_seconds": train_seconds, "harvest_seconds": buffer.harvest_seconds - harvest_s0,
+            "layer_tokens_per_s": trained_tokens / max(train_seconds - (buffer.harvest_seconds - harvest_s0), 1e-9),
             "parameters": n_params, "parameter_budget": budget, "size": size, "k": args.k, "layer": args.layer,
             "d": d, "hidden": hidden if args.arch == "mxd" else None, "world_size": world,
             "x_scale": x_scale, "y_scale": y_scale,
@@ -624,8 +625,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             eval_stream = H.TokenStream(eval_docs, tokenizer, args.context, seed=12345, shuffle=False)
             contexts = eval_stream.next_contexts(n_ctx)
             log(f"evaluating on {n_ctx} held-out contexts of {args.context} tokens")
+            t_eval = time.perf_counter()
             with use_backend(args.backend):
                 metrics.update(evaluate(model, layer, args.layer, contexts, batch=args.eval_batch))
+            metrics["eval_seconds"] = time.perf_counter() - t_eval
         metrics["wall_seconds"] = time.perf_counter() - t_start
         _atomic(out / METRICS_FILE, lambda p: Path(p).write_text(json.dumps(metrics, indent=2) + "\n"))
         _atomic(out / "history.json", lambda p: Path(p).write_text(json.dumps(history) + "\n"))
