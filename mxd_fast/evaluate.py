@@ -3,8 +3,6 @@ cross-entropy: clean, with the layer spliced in, and with the MLP zero-ablated (
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
