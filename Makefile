@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.9.0
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: setup install test test-torch test-triton test-bench test-cuda-compile bench train info clean cuda-check
+.PHONY: setup install test bench train info clean cuda-check
 
 setup: $(VENV)/.setup-done
 
@@ -26,9 +26,9 @@ install: setup
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) -m mxd_fast.info
 
-# Torch backend, module, compile and opcheck tests; then the Triton kernels under the interpreter
-# (on a GPU machine they run on the GPU instead); then every benchmark once, untimed.
-test: install
+# Torch backend, module, compile, opcheck, trainer and CUDA build tests; then the Triton kernels
+# under the interpreter (on a GPU machine they run on the GPU instead); then every benchmark once, untimed.
+test: install setup-train
 	$(PYTEST) -m "not triton" tests
 	TRITON_INTERPRET=$${TRITON_INTERPRET-$$($(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)")} \
 		$(PYTEST) -m triton tests
