@@ -17,7 +17,7 @@ from . import _sparse
 from ._dispatch import kernel
 
 # Tile of the torch backend: logits of at most this many elements exist at once.
-_TILE_ELEMENTS = 1 << 20
+_TILE_ELEMENTS = 1 << 22
 _TILE_EXPERTS = 4096
 
 
