@@ -47,9 +47,9 @@ __all__ = ["ARCHS", "build_layer", "budget_parameters", "size_for_budget", "mxd_
 # evaluation finish in about ten minutes on a 2-core CPU. With --model the paper's settings apply.
 # Layer 6 of 30: the MLP outputs of layers 1-2, 8-11 and 27-29 of this model carry massive activations
 # (a few tokens with norms up to 1000x the rest); layers 3-7 and 12-26 do not, and layer 6 is cheap to reach.
-EMBEDDED_DEFAULTS = dict(layer=6, k=32, budget=8, tokens=153_600, batch=1024, lr=1e-3, warmup=None, context=128,
+EMBEDDED_DEFAULTS = dict(layer=6, k=32, budget=8, tokens=256_000, batch=1024, lr=1e-3, warmup=None, context=128,
                          buffer=16_384, harvest_contexts=16, eval_tokens=4096, log_every=10, normalize="scalar")
-PAPER_DEFAULTS = dict(layer=None, k=32, budget=32, tokens=10_000_000, batch=4096, lr=2e-4, warmup=5000, context=128,
+PAPER_DEFAULTS = dict(layer=None, k=32, budget=32, tokens=10_000_000, batch=4096, lr=2e-4, warmup=None, context=128,
                       buffer=262_144, harvest_contexts=64, eval_tokens=65_536, log_every=50, normalize="none")
 
 
