@@ -28,14 +28,15 @@ def test_bitwise_identical_across_runs(backend, device):
         assert torch.equal(first[name], second[name]), name
 
 
-def test_torch_backward_independent_of_batch_chunks(monkeypatch):
-    """The torch backend's backward gathers in chunks of tokens; the chunk size changes no bit."""
+def test_torch_gathered_dot_independent_of_token_chunks(monkeypatch):
+    """The torch backend's gathered dot products (dvalues): the CPU masked-GEMM form and the chunked
+    gather used on other devices agree, and the chunk size changes no bit."""
     from mxd_fast.ops import _sparse
 
-    x = _inputs("cpu")
-    with mxd_fast.use_backend("torch"):
-        baseline = _layer_grads(x)
-        monkeypatch.setattr(_sparse, "_GATHER_BUDGET", 7)
-        chunked = _layer_grads(x)
-    for name in baseline:
-        assert torch.equal(baseline[name], chunked[name]), name
+    g = torch.Generator().manual_seed(2)
+    table, dense = torch.randn(57, 9, generator=g), torch.randn(300, 9, generator=g)
+    indices = torch.randint(0, 57, (300, 6), generator=g)
+    baseline = _sparse._gathered_dot_chunked(table, indices, dense)
+    monkeypatch.setattr(_sparse, "_GATHER_BUDGET", 7)
+    assert torch.equal(baseline, _sparse._gathered_dot_chunked(table, indices, dense))
+    torch.testing.assert_close(_sparse.gathered_dot(table, indices, dense), baseline)

@@ -272,12 +272,7 @@ def test_train_step_follows_the_recipe():
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
 
 
-@pytest.mark.parametrize("dtype", [
-    torch.float64,
-    pytest.param(torch.bfloat16, marks=pytest.mark.xfail(
-        raises=NotImplementedError, strict=False,
-        reason="the torch backend's sparse backward has no bf16 CPU kernel (torch.sparse.mm)")),
-])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_mixed_precision_keeps_fp32_master_weights(dtype):
     torch.manual_seed(0)
     layer = MxD(8, 12, 8, 20, 3, activation="silu", glu=True)

@@ -17,8 +17,33 @@ def gather_combine(table: torch.Tensor, coeffs: torch.Tensor, indices: torch.Ten
     return F.embedding_bag(indices, table, per_sample_weights=coeffs.contiguous(), mode="sum")
 
 
+def _sparse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """ATen's CPU sparse kernels cover float32 and float64: half types compute in float32."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _csr(crow, col, val, size):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(crow, col, val, size=size, check_invariants=False)
+
+
 def gathered_dot(table: torch.Tensor, indices: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    """out[b, j] = <dense[b], table[indices[b, j]]>. [B, K] -> [B, K], in chunks of tokens."""
+    """out[b, j] = <dense[b], table[indices[b, j]]>. [B, K] -> [B, K]: the product dense @ table.T
+    sampled at the K selected entries of each row (a CSR-masked GEMM)."""
+    B, K = indices.shape
+    if B == 0:
+        return dense.new_zeros(0, K)
+    if dense.device.type != "cpu":
+        return _gathered_dot_chunked(table, indices, dense)
+    dtype = _sparse_dtype(dense.dtype)
+    crow = torch.arange(0, B * K + 1, K, device=indices.device)
+    mask = _csr(crow, indices.reshape(-1), torch.zeros(B * K, dtype=dtype), (B, table.shape[0]))
+    out = torch.sparse.sampled_addmm(mask, dense.to(dtype).contiguous(), table.to(dtype).T, beta=0.0)
+    return out.values().reshape(B, K).to(dense.dtype)
+
+
+def _gathered_dot_chunked(table: torch.Tensor, indices: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     B, K = indices.shape
     D = table.shape[1]
     out = torch.empty(B, K, dtype=dense.dtype, device=dense.device)
@@ -42,12 +67,9 @@ def scatter_rows(indices: torch.Tensor, coeffs: torch.Tensor, dense: torch.Tenso
     crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=flat.device)
     torch.cumsum(counts, 0, out=crow[1:])
     col = torch.div(order, K, rounding_mode="floor")
-    val = coeffs.reshape(-1)[order].to(dense.dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        sparse = torch.sparse_csr_tensor(crow, col, val, size=(n_rows, B), dtype=dense.dtype, device=dense.device,
-                                         check_invariants=False)
-    return torch.sparse.mm(sparse, dense.contiguous())
+    dtype = _sparse_dtype(dense.dtype)
+    sparse = _csr(crow, col, coeffs.reshape(-1)[order].to(dtype), (n_rows, B))
+    return torch.sparse.mm(sparse, dense.to(dtype).contiguous()).to(dense.dtype)
 
 
 def scatter_sum(indices: torch.Tensor, coeffs: torch.Tensor, n_rows: int) -> torch.Tensor:
