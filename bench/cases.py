@@ -5,7 +5,8 @@ Ops and modes
   topk_gate, gather_combine, mxd_decode: "fwd" (the op alone, no autograd) and "fwd+bwd" (the op
   and torch.autograd.grad of every floating input, with a random output gradient).
   train: "step": one training step of a whole layer: the paper's renormalisation of the expert
-  rows, forward, loss, backward, removal of the gradient parallel to each expert row, AdamW step.
+  rows, forward, loss, backward, removal of the gradient parallel to each expert row, AdamW step;
+  "fwd+bwd": the forward, loss and backward of the layer alone (no renormalisation, no optimiser).
   The input x does not require a gradient (it is a frozen model's activation).
 
 Providers
@@ -58,7 +59,7 @@ DENSE_PROVIDERS = ("reference", "gemm+topk", "mlp")
 
 
 def modes_for(op: str) -> tuple[str, ...]:
-    return (TRAIN_MODE,) if op == "train" else OP_MODES
+    return ("fwd+bwd", TRAIN_MODE) if op == "train" else OP_MODES
 
 
 def all_providers(op: str) -> tuple[str, ...]:
@@ -350,11 +351,14 @@ def _train_workspace(provider: str, s: Shape, es: int) -> int:
     return int(1.25 * (state + act))
 
 
-def train_case(provider: str, s: Shape, dtype: torch.dtype, device: torch.device) -> Case:
+def train_case(provider: str, s: Shape, dtype: torch.dtype, device: torch.device, mode: str = TRAIN_MODE) -> Case:
     if provider not in all_providers("train"):
         raise ValueError(f"provider {provider!r} does not apply to train")
+    if mode not in modes_for("train"):
+        raise ValueError(f"mode {mode!r} does not apply to train")
     es = torch.empty((), dtype=dtype).element_size()
     is_mxd = provider not in ("transcoder", "mlp")
+    full_step = mode == TRAIN_MODE
     note = f"params={parameter_count(provider, s)}"
     if provider == "transcoder":
         note += f", width={s.transcoder_width}, backend=auto"
@@ -373,23 +377,22 @@ def train_case(provider: str, s: Shape, dtype: torch.dtype, device: torch.device
         def step(batch):
             x, y, inv_norm = batch
             with _train_ctx(provider):
-                if is_mxd:
+                if is_mxd and full_step:
                     model.normalize_experts()
-                    y_hat = reference.mxd_forward(model, x) if provider == "reference" else model(x)
-                else:
-                    y_hat = model(x)
+                y_hat = reference.mxd_forward(model, x) if provider == "reference" else model(x)
                 # the paper's loss: mean over tokens and features of (y_hat - y)^2 / ||y||_2
                 loss = ((y_hat - y).square() * inv_norm).mean()
                 loss.backward()
-                if is_mxd:
-                    model.remove_parallel_gradient()
-                opt.step()
+                if full_step:
+                    if is_mxd:
+                        model.remove_parallel_gradient()
+                    opt.step()
                 opt.zero_grad(set_to_none=True)
             return loss.detach()
 
         return step
 
-    return Case(op="train", mode=TRAIN_MODE, provider=provider, shape=s, dtype=dtype, device=device,
+    return Case(op="train", mode=mode, provider=provider, shape=s, dtype=dtype, device=device,
                 flops=_train_flops(provider, s), bytes=None, input_bytes=3 * s.T * s.d * es,
                 workspace_bytes=_train_workspace(provider, s, es), note=note, _inputs=make_batch, _fn=make_fn)
 
@@ -402,5 +405,5 @@ def _train_ctx(provider: str):
 
 def make_case(op: str, mode: str, provider: str, s: Shape, dtype: torch.dtype, device: torch.device) -> Case:
     if op == "train":
-        return train_case(provider, s, dtype, device)
+        return train_case(provider, s, dtype, device, mode)
     return op_case(op, mode, provider, s, dtype, device)

@@ -58,11 +58,11 @@ def default_jobs(device_type: str, quick: bool) -> list[Job]:
         base = S.PAPER["pythia-1.4b"]
         ops_on(S.PAPER.values())
         ops_on(S.sweep("K", base) + S.sweep("N", base) + S.sweep("T", base))
-        jobs += [Job("train", C.TRAIN_MODE, s) for s in S.PAPER.values()]
+        jobs += [Job("train", mode, s) for s in S.PAPER.values() for mode in C.modes_for("train")]
     else:
         ops_on([S.parse_shape("gpt2:T=512")])
         ops_on(S.cpu_scaled("K") + S.cpu_scaled("N"), ("fwd+bwd",))
-        jobs.append(Job("train", C.TRAIN_MODE, S.parse_shape("gpt2:T=2048")))
+        jobs += [Job("train", mode, S.parse_shape("gpt2:T=2048")) for mode in C.modes_for("train")]
     return jobs
 
 
