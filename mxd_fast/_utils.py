@@ -119,6 +119,12 @@ def maybe_check_index_range(op: str, name: str, indices: torch.Tensor, n: int, n
         _checked_cuda_ops.add(op)
 
 
+def autocasting(t) -> bool:
+    """True under torch.autocast for t's device: the op casts its inputs, so mixed dtypes are fine
+    until then (the op itself validates after the cast)."""
+    return isinstance(t, torch.Tensor) and torch.is_autocast_enabled(t.device.type)
+
+
 def flatten_leading(t: torch.Tensor) -> torch.Tensor:
     """[..., D] -> [prod(...), D] (a view where possible)."""
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])  # not -1: the last dimension may be 0

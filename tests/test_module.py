@@ -129,3 +129,25 @@ def test_bad_arguments(kwargs, error):
 def test_wrong_input_width():
     with pytest.raises(ValueError, match="d_in"):
         _layer()(torch.randn(3, 11, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("compile_backend", [None, "aot_eager", "inductor"])
+def test_autocast_bf16(compile_backend):
+    """Under torch.autocast the ops cast to the autocast dtype; fp32 weights get fp32 gradients."""
+    torch._dynamo.reset()
+    layer = _layer(glu=True).float()
+    x = torch.randn(4, 6, 12)
+    fn = layer if compile_backend is None else torch.compile(layer, backend=compile_backend, fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fn(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    fast = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    y_ref = reference.mxd_forward(layer, x)
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(y.float(), y_ref, rtol=5e-2, atol=5e-2 * y_ref.abs().max().item())
+    for name, p in layer.named_parameters():
+        assert fast[name].dtype == torch.float32, name
+        scale = p.grad.abs().max().item() + 1e-6
+        torch.testing.assert_close(fast[name], p.grad, rtol=0.1, atol=0.1 * scale, msg=name)

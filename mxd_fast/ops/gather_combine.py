@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from .._utils import check_float, check_index, check_tensor, maybe_check_index_range
-from . import _sparse
+from .._utils import autocasting, check_float, check_index, check_tensor, maybe_check_index_range
+from . import _autocast, _sparse
 from ._dispatch import kernel
 
 
@@ -99,6 +99,7 @@ def _backward(ctx, grad_y):
 
 
 _gather_combine_op.register_autograd(_backward, setup_context=_setup_context)
+_autocast.register("gather_combine")
 
 
 def gather_combine(weight: Tensor, values: Tensor, indices: Tensor) -> Tensor:
@@ -107,5 +108,6 @@ def gather_combine(weight: Tensor, values: Tensor, indices: Tensor) -> Tensor:
     weight: [N, O]; values: [..., K] (weight's dtype); indices: [..., K] int64 or int32 in [0, N).
     Differentiable in weight and values.
     """
-    validate_selection(weight, values, indices)
+    if not autocasting(weight):
+        validate_selection(weight, values, indices)
     return torch.ops.mxd_fast.gather_combine(weight, values, indices)

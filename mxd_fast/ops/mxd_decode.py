@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from .._utils import check_float, check_tensor, flatten_leading
-from . import _sparse
+from .._utils import autocasting, check_float, check_tensor, flatten_leading
+from . import _autocast, _sparse
 from ._dispatch import kernel
 from .gather_combine import flat_selection, validate_selection
 
@@ -128,6 +128,7 @@ def _backward(ctx, grad_y):
 
 
 _mxd_decode_op.register_autograd(_backward, setup_context=_setup_context)
+_autocast.register("mxd_decode")
 
 
 def mxd_decode(z: Tensor, decoder: Tensor, experts: Tensor, values: Tensor, indices: Tensor,
@@ -137,5 +138,6 @@ def mxd_decode(z: Tensor, decoder: Tensor, experts: Tensor, values: Tensor, indi
     z: [..., H]; decoder: [H, O]; experts: [N, O]; values, indices: [..., K]; bias: [O] or None.
     Differentiable in z, decoder, experts, values and bias.
     """
-    _validate(z, decoder, experts, values, indices, bias)
+    if not autocasting(z):
+        _validate(z, decoder, experts, values, indices, bias)
     return torch.ops.mxd_fast.mxd_decode(z, decoder, experts, values, indices, bias)

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from .._utils import check_float, check_k, check_tensor, flatten_leading
-from . import _sparse
+from .._utils import autocasting, check_float, check_k, check_tensor, flatten_leading
+from . import _autocast, _sparse
 from ._dispatch import kernel
 
 # Tile of the torch backend: logits of at most this many elements exist at once.
@@ -141,6 +141,7 @@ def _backward(ctx, grad_values, grad_indices):
 
 
 _topk_gate_op.register_autograd(_backward, setup_context=_setup_context)
+_autocast.register("topk_gate")
 
 
 def topk_gate(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int) -> tuple[Tensor, Tensor]:
@@ -150,5 +151,6 @@ def topk_gate(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int) -> tupl
     Returns values [..., k] in x's dtype and indices [..., k] (int64). Between equal values any of
     the tied experts may be chosen. Differentiable in x, weight and bias through values.
     """
-    _validate(x, weight, bias, k)
+    if not autocasting(x):
+        _validate(x, weight, bias, k)
     return torch.ops.mxd_fast.topk_gate(x, weight, bias, k)
