@@ -45,3 +45,15 @@ def device(backend) -> torch.device:
 def tolerance(dtype: torch.dtype) -> dict:
     return {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=1e-4),
             torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float16: dict(rtol=5e-3, atol=5e-3)}[dtype]
+
+
+@pytest.fixture
+def triton_device():
+    """The device the Triton kernels run on here (the GPU, else the CPU under TRITON_INTERPRET=1),
+    with use_backend("triton") and poison_outputs() in force; skipped where Triton cannot run."""
+    device = backend_device("triton")
+    reason = unavailable_reason("triton", device)
+    if reason is not None:
+        pytest.skip(reason)
+    with mxd_fast.use_backend("triton"), poison_outputs():
+        yield device

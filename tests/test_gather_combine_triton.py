@@ -7,8 +7,6 @@ import torch
 
 import mxd_fast
 from mxd_fast import reference
-from mxd_fast._utils import poison_outputs
-from mxd_fast.backend import unavailable_reason
 
 pytest.importorskip("triton")
 from mxd_fast.kernels import gather_combine as gck  # noqa: E402
@@ -19,13 +17,8 @@ TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.f
 
 
 @pytest.fixture
-def dev():
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    reason = unavailable_reason("triton", device)
-    if reason is not None:
-        pytest.skip(reason)
-    with mxd_fast.use_backend("triton"), poison_outputs():
-        yield device
+def dev(triton_device):
+    return triton_device
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):

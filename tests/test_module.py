@@ -1,7 +1,6 @@
 """The MxD layer and the TopK transcoder: reference agreement, the paper's recipe, steering, torch.compile."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import mxd_fast
 from mxd_fast import reference

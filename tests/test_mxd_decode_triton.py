@@ -7,8 +7,6 @@ import torch
 
 import mxd_fast
 from mxd_fast import reference
-from mxd_fast._utils import poison_outputs
-from mxd_fast.backend import unavailable_reason
 
 pytest.importorskip("triton")
 from mxd_fast.kernels import mxd_decode as mdk  # noqa: E402
@@ -20,13 +18,8 @@ NAMES = ("z", "decoder", "experts", "values", "bias")
 
 
 @pytest.fixture
-def dev():
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    reason = unavailable_reason("triton", device)
-    if reason is not None:
-        pytest.skip(reason)
-    with mxd_fast.use_backend("triton"), poison_outputs():
-        yield device
+def dev(triton_device):
+    return triton_device
 
 
 def close(actual, expected, dtype, name=""):

@@ -1,6 +1,5 @@
 """Property-based tests: random shapes, dtypes, k, leading dims and strides; every backend present
 agrees with the reference on values and gradients. Bounded draws keep the run within minutes."""
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

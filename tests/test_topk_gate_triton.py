@@ -8,7 +8,6 @@ import torch
 import mxd_fast
 from mxd_fast import reference
 from mxd_fast._utils import poison_outputs
-from mxd_fast.backend import unavailable_reason
 
 pytest.importorskip("triton")
 from mxd_fast.kernels import topk_gate as tgk  # noqa: E402
@@ -19,14 +18,9 @@ TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.f
 
 
 @pytest.fixture
-def dev(monkeypatch):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    reason = unavailable_reason("triton", device)
-    if reason is not None:
-        pytest.skip(reason)
+def dev(triton_device, monkeypatch):
     monkeypatch.setenv("MXD_FAST_AUTOTUNE", "0")  # one configuration per shape: no tuning runs
-    with mxd_fast.use_backend("triton"), poison_outputs():
-        yield device
+    return triton_device
 
 
 def make(B, I, N, dtype, device, bias=True, seed=0):
