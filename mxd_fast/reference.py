@@ -35,11 +35,19 @@ def mxd_decode(z: Tensor, decoder: Tensor, experts: Tensor, values: Tensor, indi
     return y if bias is None else y + bias
 
 
-def mxd_forward(module, x: Tensor) -> Tensor:
-    """A whole MxD layer (mxd_fast.MxD's parameters) in the paper's dense form."""
-    z = module.hidden(x)
-    values, indices = topk_gate(x, module.gate.weight, module.gate.bias, module.k)
-    y = mxd_decode(z, module.decoder, module.experts, values, indices, module.bias)
+def layer_forward(module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, values, indices) of an mxd_fast.MxD or mxd_fast.TopKTranscoder in the dense form."""
+    if hasattr(module, "experts"):   # MxD
+        values, indices = topk_gate(x, module.gate.weight, module.gate.bias, module.k)
+        y = mxd_decode(module.hidden(x), module.decoder, module.experts, values, indices, module.bias)
+    else:                            # TopK transcoder
+        values, indices = topk_gate(x, module.encoder.weight, module.encoder.bias, module.k)
+        y = gather_combine(module.decoder, values, indices) + module.bias
     if module.skip is not None:
         y = y + module.skip(x)
-    return y
+    return y, values, indices
+
+
+def mxd_forward(module, x: Tensor) -> Tensor:
+    """A whole MxD layer (mxd_fast.MxD's parameters) in the paper's dense form."""
+    return layer_forward(module, x)[0]

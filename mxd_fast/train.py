@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import harvest as H
+from . import reference
 from .backend import use_backend
 from .evaluate import SplicedMLP, ZeroMLP, evaluate, splice_layer, spliced
 from .module import MxD, mxd_experts_for_budget
@@ -176,15 +177,20 @@ def mxd_loss(y_hat: Tensor, y: Tensor, eps: float = 1e-12) -> Tensor:
     return ((y_hat - y) ** 2 / y.norm(dim=-1, keepdim=True).clamp_min(eps)).mean()
 
 
+def op_backend(args) -> str:
+    """The mxd_fast backend for the ops (the dense reference path uses none; evaluation runs on auto)."""
+    return "auto" if args.backend == "reference" else args.backend
+
+
 class TrainForward(nn.Module):
     """What the training step runs (and DDP wraps): (y^, values, indices) of the layer. With a compute
     dtype other than the parameters' (bf16), parameters and inputs are cast to it for the computation
     and gradients flow back to the fp32 parameters: mixed precision that does not need autocast
     support in the ops."""
 
-    def __init__(self, layer: nn.Module, dtype: torch.dtype = torch.float32):
+    def __init__(self, layer: nn.Module, dtype: torch.dtype = torch.float32, dense_reference: bool = False):
         super().__init__()
-        self.layer, self.compute_dtype = layer, dtype
+        self.layer, self.compute_dtype, self.dense_reference = layer, dtype, dense_reference
 
     def forward(self, x: Tensor, cast: bool = True):
         p = next(self.layer.parameters())
@@ -192,6 +198,8 @@ class TrainForward(nn.Module):
             params = {f"layer.{n}": t.to(self.compute_dtype) for n, t in self.layer.named_parameters()}
             return torch.func.functional_call(self, params, (x.to(self.compute_dtype),), {"cast": False})
         x = x.to(p.dtype)
+        if self.dense_reference:   # the paper's dense computation, to compare throughput with
+            return reference.layer_forward(self.layer, x)
         enc = self.layer.encode(x)
         return self.layer.decode(x, *enc), enc[-2], enc[-1]
 
@@ -306,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dead-window", type=int, default=1_000_000, help="an expert is dead if it did not fire in this many "
       "tokens")
     a("--compile", action="store_true", help="torch.compile the training forward pass")
-    a("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"), help="mxd_fast op backend")
+    a("--backend", default="auto", choices=("auto", "torch", "triton", "cuda", "reference"),
+      help="mxd_fast op backend; reference: train with the paper's dense computation (to compare throughput)")
     a("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     a("--seed", type=int, default=0)
     a("--threads", type=int, default=None, help="torch CPU threads")
@@ -489,7 +498,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     n_params = sum(p.numel() for p in layer.parameters())
     log(f"{args.arch}: {layer.extra_repr()}; {n_params:,} parameters (budget {budget:,}: a TopK transcoder of "
         f"width {width}); layer {args.layer} of {n_layers}, d = {d}")
-    forward = TrainForward(layer, DTYPES[args.dtype])
+    forward = TrainForward(layer, DTYPES[args.dtype], dense_reference=args.backend == "reference")
     if world > 1:
         forward = nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda"
                                                       else None)
@@ -542,7 +551,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         f"warm-up {warmup} steps, {args.dtype}, {world} rank(s)")
     bar = _progress(steps, step, rank == 0 and not args.quiet)
     log.bar = bar
-    with use_backend(args.backend):
+    with use_backend(op_backend(args)):
         while step < stop:
             x, y = buffer.next_batch(rank_batch)
             if args.normalize != "none":
@@ -626,7 +635,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             contexts = eval_stream.next_contexts(n_ctx)
             log(f"evaluating on {n_ctx} held-out contexts of {args.context} tokens")
             t_eval = time.perf_counter()
-            with use_backend(args.backend):
+            with use_backend(op_backend(args)):
                 metrics.update(evaluate(model, layer, args.layer, contexts, batch=args.eval_batch))
             metrics["eval_seconds"] = time.perf_counter() - t_eval
         metrics["wall_seconds"] = time.perf_counter() - t_start
