@@ -26,13 +26,20 @@ def poisoning() -> bool:
 @contextlib.contextmanager
 def poison_outputs(flag: bool = True):
     """Fill every buffer a kernel allocates with NaN (or -1 for integers) before the kernel runs,
-    so that an element the kernel forgets to write shows up in the tests."""
+    so that an element the kernel forgets to write shows up in the tests. Also sets MXD_FAST_POISON
+    for the block, which the CUDA extension's bindings read."""
     previous = getattr(_state, "poison", None)
+    previous_env = os.environ.get("MXD_FAST_POISON")
     _state.poison = flag
+    os.environ["MXD_FAST_POISON"] = "1" if flag else "0"
     try:
         yield
     finally:
         _state.poison = previous
+        if previous_env is None:
+            os.environ.pop("MXD_FAST_POISON", None)
+        else:
+            os.environ["MXD_FAST_POISON"] = previous_env
 
 
 def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

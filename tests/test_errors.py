@@ -106,3 +106,16 @@ def test_auto_is_torch_on_cpu():
     from mxd_fast.backend import resolve
     with mxd_fast.use_backend("auto"):
         assert resolve("topk_gate", torch.device("cpu")) == "torch"
+
+
+def test_poison_outputs_reaches_the_extension_environment(monkeypatch):
+    """The CUDA bindings read MXD_FAST_POISON; poison_outputs() sets it for its block only."""
+    import os
+
+    from mxd_fast._utils import new_empty, poison_outputs
+
+    monkeypatch.delenv("MXD_FAST_POISON", raising=False)
+    with poison_outputs():
+        assert os.environ["MXD_FAST_POISON"] == "1"
+        assert torch.isnan(new_empty((3,), torch.float32, torch.device("cpu"))).all()
+    assert "MXD_FAST_POISON" not in os.environ
