@@ -126,6 +126,12 @@ def maybe_check_index_range(op: str, name: str, indices: torch.Tensor, n: int, n
         _checked_cuda_ops.add(op)
 
 
+def placeholder(like: torch.Tensor) -> torch.Tensor:
+    """What a backward op returns for a gradient nobody asked for: a fresh empty tensor each time
+    (custom-op outputs must not alias one another)."""
+    return like.new_empty(0)
+
+
 def autocasting(t) -> bool:
     """True under torch.autocast for t's device: the op casts its inputs, so mixed dtypes are fine
     until then (the op itself validates after the cast)."""

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from .._utils import autocasting, check_float, check_index, check_tensor, maybe_check_index_range
+from .._utils import (autocasting, check_float, check_index, check_tensor, maybe_check_index_range,
+                      placeholder)
 from . import _autocast, _sparse
 from ._dispatch import kernel
 
@@ -73,15 +74,14 @@ def _gather_combine_backward_op(grad_y: Tensor, weight: Tensor, values: Tensor, 
     backward = kernel("gather_combine", "backward", weight.device, gather_combine_torch_backward)
     dweight, dvalues = backward(grad_y.reshape(-1, weight.shape[1]), weight, v, i,
                                 need_weight, need_values, _backend.deterministic())
-    empty = weight.new_empty  # a fresh placeholder per unneeded gradient (outputs must not alias)
-    return (dweight if need_weight else empty(0), dvalues.reshape(values.shape) if need_values else empty(0))
+    return (dweight if need_weight else placeholder(weight),
+            dvalues.reshape(values.shape) if need_values else placeholder(weight))
 
 
 @_gather_combine_backward_op.register_fake
 def _(grad_y, weight, values, indices, need_weight, need_values):
-    empty = weight.new_empty  # a fresh placeholder per unneeded gradient (outputs must not alias)
-    return (weight.new_empty(weight.shape) if need_weight else empty(0),
-            values.new_empty(values.shape) if need_values else empty(0))
+    return (weight.new_empty(weight.shape) if need_weight else placeholder(weight),
+            values.new_empty(values.shape) if need_values else placeholder(weight))
 
 
 def _setup_context(ctx, inputs, output):

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from .._utils import autocasting, check_float, check_tensor, flatten_leading
+from .._utils import autocasting, check_float, check_tensor, flatten_leading, placeholder
 from . import _autocast, _sparse
 from ._dispatch import kernel
 from .gather_combine import flat_selection, validate_selection
@@ -92,22 +92,20 @@ def _mxd_decode_backward_op(grad_y: Tensor, z: Tensor, decoder: Tensor, experts:
     grads = backward(grad_y.reshape(-1, decoder.shape[1]), flatten_leading(z), decoder, experts, v, i,
                      need_z, need_decoder, need_experts, need_values, need_bias, _backend.deterministic())
     dz, ddecoder, dexperts, dvalues, dbias = grads
-    empty = z.new_empty  # a fresh placeholder per unneeded gradient (outputs must not alias)
-    return (dz.reshape(z.shape) if need_z else empty(0),
-            ddecoder if need_decoder else empty(0),
-            dexperts if need_experts else empty(0),
-            dvalues.reshape(values.shape) if need_values else empty(0),
-            dbias if need_bias else empty(0))
+    return (dz.reshape(z.shape) if need_z else placeholder(z),
+            ddecoder if need_decoder else placeholder(z),
+            dexperts if need_experts else placeholder(z),
+            dvalues.reshape(values.shape) if need_values else placeholder(z),
+            dbias if need_bias else placeholder(z))
 
 
 @_mxd_decode_backward_op.register_fake
 def _(grad_y, z, decoder, experts, values, indices, need_z, need_decoder, need_experts, need_values, need_bias):
-    empty = z.new_empty  # a fresh placeholder per unneeded gradient (outputs must not alias)
-    return (z.new_empty(z.shape) if need_z else empty(0),
-            decoder.new_empty(decoder.shape) if need_decoder else empty(0),
-            experts.new_empty(experts.shape) if need_experts else empty(0),
-            values.new_empty(values.shape) if need_values else empty(0),
-            decoder.new_empty(decoder.shape[1]) if need_bias else empty(0))
+    return (z.new_empty(z.shape) if need_z else placeholder(z),
+            decoder.new_empty(decoder.shape) if need_decoder else placeholder(z),
+            experts.new_empty(experts.shape) if need_experts else placeholder(z),
+            values.new_empty(values.shape) if need_values else placeholder(z),
+            decoder.new_empty(decoder.shape[1]) if need_bias else placeholder(z))
 
 
 def _setup_context(ctx, inputs, output):

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from .._utils import autocasting, check_float, check_k, check_tensor, flatten_leading
+from .._utils import autocasting, check_float, check_k, check_tensor, flatten_leading, placeholder
 from . import _autocast, _sparse
 from ._dispatch import kernel
 
@@ -107,18 +107,16 @@ def _topk_gate_backward_op(grad_values: Tensor, x: Tensor, weight: Tensor, value
     dx, dweight, dbias = backward(grad_values.reshape(-1, k), flatten_leading(x), weight,
                                   values.reshape(-1, k), indices.reshape(-1, k),
                                   need_x, need_weight, need_bias, _backend.deterministic())
-    empty = x.new_empty  # a fresh placeholder per unneeded gradient (outputs must not alias)
-    return (dx.reshape(x.shape) if need_x else empty(0),
-            dweight if need_weight else empty(0),
-            dbias if need_bias else empty(0))
+    return (dx.reshape(x.shape) if need_x else placeholder(x),
+            dweight if need_weight else placeholder(x),
+            dbias if need_bias else placeholder(x))
 
 
 @_topk_gate_backward_op.register_fake
 def _(grad_values, x, weight, values, indices, need_x, need_weight, need_bias):
-    empty = x.new_empty  # a fresh placeholder per unneeded gradient (outputs must not alias)
-    return (x.new_empty(x.shape) if need_x else empty(0),
-            weight.new_empty(weight.shape) if need_weight else empty(0),
-            weight.new_empty(weight.shape[0]) if need_bias else empty(0))
+    return (x.new_empty(x.shape) if need_x else placeholder(x),
+            weight.new_empty(weight.shape) if need_weight else placeholder(x),
+            weight.new_empty(weight.shape[0]) if need_bias else placeholder(x))
 
 
 def _setup_context(ctx, inputs, output):
