@@ -1,19 +1,57 @@
 """Builds mxd_fast. The Triton kernels in kernels/ install as mxd_fast.kernels. The CUDA extension
 mxd_fast._C_cuda (csrc/) is built only when the installed torch has CUDA and nvcc is found;
-MAX_JOBS and TORCH_CUDA_ARCH_LIST are honoured (default: sm_80 and sm_90a)."""
+MAX_JOBS, TORCH_CUDA_ARCH_LIST (default: sm_80 and sm_90a) and CUDA_HOME are honoured. The C++
+standard is the one torch's extension builder picks for the installed torch (C++17 up to torch 2.13,
+C++20 from 2.14 on); the kernels in csrc/cuda/ compile as either."""
 import glob
 import os
+import re
+import shutil
+import subprocess
 
 from setuptools import setup
+
+
+def _toolkit_root(nvcc: str) -> str | None:
+    """The CUDA toolkit behind `nvcc`, also when `nvcc` is a wrapper script outside the toolkit
+    (torch would take the wrapper's grandparent folder, which has no CUDA headers)."""
+    root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
+        return root
+    try:
+        out = subprocess.run([nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
+    if m:
+        root = os.path.normpath(m.group(1).strip())  # TOP is <toolkit>/bin/..
+        if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
+            return root
+    return None
+
+
+def _set_cuda_home() -> None:
+    """Point torch's extension builder at the toolkit (CUDA_HOME) unless the caller has."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    root = _toolkit_root(nvcc) if nvcc else None
+    if root is not None:
+        os.environ["CUDA_HOME"] = root
 
 
 def cuda_extension():
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:
         return [], {}
-    if torch.version.cuda is None or CUDA_HOME is None or os.environ.get("MXD_FAST_NO_CUDA") == "1":
+    if torch.version.cuda is None or os.environ.get("MXD_FAST_NO_CUDA") == "1":
+        return [], {}
+    _set_cuda_home()  # before cpp_extension reads it
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+
+    if CUDA_HOME is None:
         return [], {}
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
@@ -23,8 +61,7 @@ def cuda_extension():
         "mxd_fast._C_cuda",
         sources,
         include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
