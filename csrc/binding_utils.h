@@ -1,5 +1,7 @@
 // Helpers shared by the torch bindings of the CUDA kernels: checks, dtype mapping, output
-// allocation, stride normalisation and the reverse index of a selection.
+// allocation, stride normalisation and the reverse index of a selection. Bad arguments raise what
+// the Python side of mxd_fast raises: ValueError (shape, device, size) or TypeError (dtype), naming
+// the argument; a failed kernel launch raises RuntimeError.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -21,26 +23,26 @@ inline mxd::DType dtype_of(const at::Tensor& t) {
     case at::kBFloat16: return mxd::DType::kBFloat16;
     case at::kDouble: return mxd::DType::kFloat64;
     default:
-      TORCH_CHECK(false, "mxd_fast cuda backend: unsupported dtype ", t.scalar_type(),
+      TORCH_CHECK_TYPE(false, "mxd_fast cuda backend: unsupported dtype ", t.scalar_type(),
                   " (supported: float32, float16, bfloat16, float64)");
   }
   return mxd::DType::kFloat32;  // not reached
 }
 
 inline void check_on(const at::Tensor& t, const char* name, const at::Tensor& like, const char* like_name) {
-  TORCH_CHECK(t.is_cuda(), "mxd_fast cuda backend: ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == like.device(), "mxd_fast cuda backend: ", name, " is on ", t.device(), " but ", like_name,
+  TORCH_CHECK_VALUE(t.is_cuda(), "mxd_fast cuda backend: ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK_VALUE(t.device() == like.device(), "mxd_fast cuda backend: ", name, " is on ", t.device(), " but ", like_name,
               " is on ", like.device());
 }
 
 inline void check_float_like(const at::Tensor& t, const char* name, const at::Tensor& like, const char* like_name) {
   check_on(t, name, like, like_name);
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "mxd_fast cuda backend: ", name, " has dtype ",
+  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), "mxd_fast cuda backend: ", name, " has dtype ",
               t.scalar_type(), " but ", like_name, " has dtype ", like.scalar_type());
 }
 
 inline void check_dim(const at::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.dim() == dim, "mxd_fast cuda backend: ", name, " must have ", dim, " dimension(s), got shape ",
+  TORCH_CHECK_VALUE(t.dim() == dim, "mxd_fast cuda backend: ", name, " must have ", dim, " dimension(s), got shape ",
               t.sizes());
 }
 
@@ -51,9 +53,9 @@ inline void check_selection(const at::Tensor& values, const at::Tensor& indices,
   check_dim(indices, "indices", 2);
   check_float_like(values, "values", like, like_name);
   check_on(indices, "indices", like, like_name);
-  TORCH_CHECK(indices.scalar_type() == at::kLong, "mxd_fast cuda backend: indices must be int64, got ",
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "mxd_fast cuda backend: indices must be int64, got ",
               indices.scalar_type());
-  TORCH_CHECK(values.sizes() == indices.sizes(), "mxd_fast cuda backend: values and indices must have the same shape, got ",
+  TORCH_CHECK_VALUE(values.sizes() == indices.sizes(), "mxd_fast cuda backend: values and indices must have the same shape, got ",
               values.sizes(), " and ", indices.sizes());
 }
 
@@ -102,7 +104,7 @@ struct ReverseIndex {
 
 inline ReverseIndex reverse_index(const at::Tensor& indices, int64_t N) {
   const int64_t total = indices.numel();
-  TORCH_CHECK(total < std::numeric_limits<int32_t>::max() && N < std::numeric_limits<int32_t>::max() - 1,
+  TORCH_CHECK_VALUE(total < std::numeric_limits<int32_t>::max() && N < std::numeric_limits<int32_t>::max() - 1,
               "mxd_fast cuda backend: the reverse index needs B * K < 2^31 and N < 2^31 - 1, got B * K = ",
               total, ", N = ", N);
   const auto int_options = indices.options().dtype(at::kInt);

@@ -26,8 +26,8 @@ CSRC = Path(__file__).resolve().parent
 KERNEL_DIR = CSRC / "cuda"
 DEFAULT_ARCHS = ("sm_80", "sm_90a")
 # The flags a torch CUDAExtension build gives nvcc (setup.py's and torch's own), besides the
-# architecture and the include paths.
-NVCC_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-D__CUDA_NO_HALF_OPERATORS__",
+# architecture, the include paths and the C++ standard (cxx_standard()).
+NVCC_FLAGS = ("-O3", "--expt-relaxed-constexpr", "-lineinfo", "-D__CUDA_NO_HALF_OPERATORS__",
               "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__")
 
 
@@ -71,6 +71,20 @@ def cuda_include_dir(nvcc: str) -> Path | None:
         if (candidate / "cuda_runtime_api.h").exists():
             return candidate
     return None
+
+
+def cxx_standard() -> str:
+    """The C++ standard a torch extension build uses with the installed torch: C++20 where torch's
+    headers require it (torch >= 2.14), else C++17 (also without torch)."""
+    try:
+        from torch.utils.cpp_extension import include_paths
+    except ImportError:
+        return "c++17"
+    for root in include_paths():
+        aten = Path(root, "ATen", "ATen.h")
+        if aten.exists():
+            return "c++20" if "__cplusplus < 202002L" in aten.read_text() else "c++17"
+    return "c++17"
 
 
 def kernel_sources() -> list[Path]:
@@ -149,9 +163,9 @@ def parse_ptxas(log: str, source: str, arch: str) -> list[KernelReport]:
 
 # ---- compilation ---------------------------------------------------------------------------
 
-def compile_kernel(nvcc: str, source: Path, arch: str, outdir: Path) -> CompileResult:
+def compile_kernel(nvcc: str, source: Path, arch: str, outdir: Path, std: str = "c++17") -> CompileResult:
     number = arch.removeprefix("sm_")
-    cmd = [nvcc, "-c", *NVCC_FLAGS, f"-gencode=arch=compute_{number},code={arch}", "-Xptxas", "-v",
+    cmd = [nvcc, "-c", *NVCC_FLAGS, f"-std={std}", f"-gencode=arch=compute_{number},code={arch}", "-Xptxas", "-v",
            f"-I{CSRC}", str(source), "-o", str(outdir / f"{source.stem}.{arch}.o")]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
@@ -164,8 +178,10 @@ def compile_kernels(archs=DEFAULT_ARCHS, jobs: int | None = None, nvcc: str | No
     if nvcc is None:
         raise FileNotFoundError("nvcc not found (PATH, CUDA_HOME)")
     jobs = jobs or os.cpu_count() or 1
+    std = cxx_standard()
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(jobs) as pool:
-        futures = [pool.submit(compile_kernel, nvcc, src, arch, Path(tmp)) for src in kernel_sources() for arch in archs]
+        futures = [pool.submit(compile_kernel, nvcc, src, arch, Path(tmp), std)
+                   for src in kernel_sources() for arch in archs]
         return [f.result() for f in futures]
 
 
@@ -175,8 +191,8 @@ def torch_includes() -> list[str]:
     return list(include_paths())
 
 
-def syntax_check(source: Path, includes: list[str], compiler: str) -> tuple[bool, str]:
-    cmd = [compiler, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror=return-type",
+def syntax_check(source: Path, includes: list[str], compiler: str, std: str = "c++17") -> tuple[bool, str]:
+    cmd = [compiler, f"-std={std}", "-fsyntax-only", "-Wall", "-Wextra", "-Werror=return-type",
            *(f"-isystem{p}" for p in includes), f"-I{CSRC}", str(source)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     return proc.returncode == 0, " ".join(cmd) + "\n" + proc.stdout + proc.stderr
@@ -201,7 +217,8 @@ def syntax_check_bindings(jobs: int | None = None, nvcc: str | None = None) -> l
             stub.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
             includes.append(tmp)
         with ThreadPoolExecutor(jobs) as pool:
-            futures = {src.name: pool.submit(syntax_check, src, includes, compiler) for src in binding_sources()}
+            std = cxx_standard()
+            futures = {src.name: pool.submit(syntax_check, src, includes, compiler, std) for src in binding_sources()}
             return [(name, *f.result()) for name, f in futures.items()]
 
 

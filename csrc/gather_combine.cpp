@@ -8,7 +8,7 @@ namespace {
 
 void check_inputs(const at::Tensor& weight, const at::Tensor& values, const at::Tensor& indices) {
   check_dim(weight, "weight", 2);
-  TORCH_CHECK(weight.is_cuda(), "mxd_fast cuda backend: weight must be a CUDA tensor, got device ", weight.device());
+  TORCH_CHECK_VALUE(weight.is_cuda(), "mxd_fast cuda backend: weight must be a CUDA tensor, got device ", weight.device());
   check_selection(values, indices, weight, "weight");
   dtype_of(weight);
 }
@@ -35,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor> gather_combine_backward(const at::Tensor& gra
   check_dim(grad_y, "grad_y", 2);
   check_float_like(grad_y, "grad_y", weight, "weight");
   const int64_t B = values.size(0), N = weight.size(0), O = weight.size(1);
-  TORCH_CHECK(grad_y.size(0) == B && grad_y.size(1) == O, "mxd_fast cuda backend: grad_y must have shape [", B, ", ",
+  TORCH_CHECK_VALUE(grad_y.size(0) == B && grad_y.size(1) == O, "mxd_fast cuda backend: grad_y must have shape [", B, ", ",
               O, "], got ", grad_y.sizes());
   const c10::cuda::CUDAGuard guard(weight.device());
   const mxd::DType dt = dtype_of(weight);

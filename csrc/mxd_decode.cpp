@@ -17,16 +17,16 @@ void check_decode_inputs(const at::Tensor& z, const at::Tensor& decoder, const a
   check_dim(z, "z", 2);
   check_dim(decoder, "decoder", 2);
   check_dim(experts, "experts", 2);
-  TORCH_CHECK(z.is_cuda(), "mxd_fast cuda backend: z must be a CUDA tensor, got device ", z.device());
+  TORCH_CHECK_VALUE(z.is_cuda(), "mxd_fast cuda backend: z must be a CUDA tensor, got device ", z.device());
   check_float_like(decoder, "decoder", z, "z");
   check_float_like(experts, "experts", z, "z");
   dtype_of(z);
   check_selection(values, indices, z, "z");
-  TORCH_CHECK(decoder.size(0) == z.size(1), "mxd_fast cuda backend: decoder must have shape [", z.size(1),
+  TORCH_CHECK_VALUE(decoder.size(0) == z.size(1), "mxd_fast cuda backend: decoder must have shape [", z.size(1),
               ", O], got ", decoder.sizes());
-  TORCH_CHECK(experts.size(1) == decoder.size(1), "mxd_fast cuda backend: experts must have shape [N, ",
+  TORCH_CHECK_VALUE(experts.size(1) == decoder.size(1), "mxd_fast cuda backend: experts must have shape [N, ",
               decoder.size(1), "], got ", experts.sizes());
-  TORCH_CHECK(values.size(0) == z.size(0), "mxd_fast cuda backend: values must have ", z.size(0), " rows, got ",
+  TORCH_CHECK_VALUE(values.size(0) == z.size(0), "mxd_fast cuda backend: values must have ", z.size(0), " rows, got ",
               values.sizes());
 }
 
@@ -39,7 +39,7 @@ at::Tensor mxd_decode_forward(const at::Tensor& z, const at::Tensor& decoder, co
   if (bias.has_value()) {
     check_dim(*bias, "bias", 1);
     check_float_like(*bias, "bias", z, "z");
-    TORCH_CHECK(bias->size(0) == O, "mxd_fast cuda backend: bias must have shape [", O, "], got ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->size(0) == O, "mxd_fast cuda backend: bias must have shape [", O, "], got ", bias->sizes());
     b = bias->contiguous();
   }
   const c10::cuda::CUDAGuard guard(z.device());
@@ -62,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mxd_decod
   check_dim(grad_y, "grad_y", 2);
   check_float_like(grad_y, "grad_y", z, "z");
   const int64_t B = z.size(0), H = z.size(1), N = experts.size(0), O = decoder.size(1), K = values.size(1);
-  TORCH_CHECK(grad_y.size(0) == B && grad_y.size(1) == O, "mxd_fast cuda backend: grad_y must have shape [", B,
+  TORCH_CHECK_VALUE(grad_y.size(0) == B && grad_y.size(1) == O, "mxd_fast cuda backend: grad_y must have shape [", B,
               ", ", O, "], got ", grad_y.sizes());
   const c10::cuda::CUDAGuard guard(z.device());
   const mxd::DType dt = dtype_of(z);

@@ -23,10 +23,10 @@ constexpr int64_t kMinTileExperts = 2048;
 void check_gate_inputs(const at::Tensor& x, const at::Tensor& weight) {
   check_dim(x, "x", 2);
   check_dim(weight, "weight", 2);
-  TORCH_CHECK(x.is_cuda(), "mxd_fast cuda backend: x must be a CUDA tensor, got device ", x.device());
+  TORCH_CHECK_VALUE(x.is_cuda(), "mxd_fast cuda backend: x must be a CUDA tensor, got device ", x.device());
   check_float_like(weight, "weight", x, "x");
   dtype_of(x);
-  TORCH_CHECK(weight.size(1) == x.size(1), "mxd_fast cuda backend: weight must have shape [N, ", x.size(1),
+  TORCH_CHECK_VALUE(weight.size(1) == x.size(1), "mxd_fast cuda backend: weight must have shape [N, ", x.size(1),
               "], got ", weight.sizes());
 }
 
@@ -78,10 +78,10 @@ std::tuple<at::Tensor, at::Tensor> topk_gate_forward(const at::Tensor& x, const 
   if (bias.has_value()) {
     check_dim(*bias, "bias", 1);
     check_float_like(*bias, "bias", x, "x");
-    TORCH_CHECK(bias->size(0) == N, "mxd_fast cuda backend: bias must have shape [", N, "], got ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->size(0) == N, "mxd_fast cuda backend: bias must have shape [", N, "], got ", bias->sizes());
   }
-  TORCH_CHECK(k >= 1 && k <= N, "mxd_fast cuda backend: k must satisfy 1 <= k <= N = ", N, ", got ", k);
-  TORCH_CHECK(N < std::numeric_limits<int32_t>::max(), "mxd_fast cuda backend: N must be below 2^31 - 1, got ", N);
+  TORCH_CHECK_VALUE(k >= 1 && k <= N, "mxd_fast cuda backend: k must satisfy 1 <= k <= N = ", N, ", got ", k);
+  TORCH_CHECK_VALUE(N < std::numeric_limits<int32_t>::max(), "mxd_fast cuda backend: N must be below 2^31 - 1, got ", N);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor values = new_empty({B, k}, x.options());
   at::Tensor indices = new_empty({B, k}, x.options().dtype(at::kLong));
@@ -133,8 +133,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_gate_backward(
   check_dim(grad_values, "grad_values", 2);
   check_float_like(grad_values, "grad_values", x, "x");
   const int64_t B = x.size(0), N = weight.size(0), I = x.size(1);
-  TORCH_CHECK(values.size(0) == B, "mxd_fast cuda backend: values must have ", B, " rows, got ", values.sizes());
-  TORCH_CHECK(grad_values.sizes() == values.sizes(), "mxd_fast cuda backend: grad_values must have shape ",
+  TORCH_CHECK_VALUE(values.size(0) == B, "mxd_fast cuda backend: values must have ", B, " rows, got ", values.sizes());
+  TORCH_CHECK_VALUE(grad_values.sizes() == values.sizes(), "mxd_fast cuda backend: grad_values must have shape ",
               values.sizes(), ", got ", grad_values.sizes());
   const c10::cuda::CUDAGuard guard(x.device());
   const mxd::DType dt = dtype_of(x);
