@@ -27,6 +27,8 @@ from torch import Tensor
 
 from mxd_fast._utils import new_empty
 
+from ._device import compiled
+
 __all__ = [
     "embedding_bag", "gathered_dot", "scatter_rows", "scatter_sum", "SelectionCSR", "build_csr",
     "gather_combine_forward", "gather_combine_backward",
@@ -85,7 +87,7 @@ def embedding_bag(table: Tensor, coeffs: Tensor, indices: Tensor, scale: Optiona
         out = new_empty((B, D), table.dtype, table.device)
     if B == 0 or D == 0:
         return out
-    if table.is_cuda:
+    if compiled(table):
         block_d, block_j, warps = _pow2(D, 32, 512), _pow2(K, 1, 8), 4
     else:
         block_d, block_j, warps = _pow2(D, 16, 32), _pow2(K, 1, 4), 1
@@ -135,7 +137,7 @@ def gathered_dot(table: Tensor, indices: Tensor, dense: Tensor) -> Tensor:
     out = new_empty((B, K), dense.dtype, dense.device)
     if B == 0:
         return out
-    if table.is_cuda:
+    if compiled(table):
         block_j, block_d, warps = _pow2(K, 1, 16), _pow2(D, 32, 256), 4
     else:
         block_j, block_d, warps = _pow2(K, 1, 4), _pow2(D, 16, 32), 1
@@ -235,7 +237,7 @@ def scatter_rows(indices: Tensor, coeffs: Tensor, dense: Tensor, n_rows: int, de
         return out
     if B == 0:
         return out.zero_()
-    if not deterministic and csr is None and dense.is_cuda and dense.dtype == torch.float32:
+    if not deterministic and csr is None and compiled(dense) and dense.dtype == torch.float32:
         out.zero_()
         block_d, block_j = _pow2(D, 32, 512), _pow2(K, 1, 4)
         _scatter_rows_atomic_kernel[(B, triton.cdiv(D, block_d))](
@@ -246,7 +248,7 @@ def scatter_rows(indices: Tensor, coeffs: Tensor, dense: Tensor, n_rows: int, de
         return out
     if csr is None:
         csr = build_csr(indices, n_rows)
-    if dense.is_cuda:
+    if compiled(dense):
         block_e, block_d, warps = 4, _pow2(D, 32, 512), 4
     else:
         block_e, block_d, warps = 2, _pow2(D, 16, 32), 1
@@ -294,7 +296,7 @@ def scatter_sum(indices: Tensor, coeffs: Tensor, n_rows: int, deterministic: boo
         return out.zero_()
     if csr is None:
         csr = build_csr(indices, n_rows)
-    block_r, block_e, warps = (128, 8, 4) if coeffs.is_cuda else (16, 4, 1)
+    block_r, block_e, warps = (128, 8, 4) if compiled(coeffs) else (16, 4, 1)
     _scatter_sum_kernel[(triton.cdiv(n_rows, block_r),)](
         csr.order, csr.offsets, coeffs, out, n_rows, K, coeffs.stride(0), coeffs.stride(1), out.stride(0),
         ACC=_acc_dtype(coeffs.dtype), BLOCK_R=block_r, BLOCK_E=block_e, num_warps=warps)

@@ -26,6 +26,7 @@ from torch import Tensor
 from mxd_fast._utils import new_empty
 from mxd_fast.ops import mxd_decode as _torch_impl
 
+from ._device import autotune_enabled, compiled
 from .gather_combine import embedding_bag, gathered_dot, scatter_rows
 
 __all__ = ["mxd_decode_forward", "mxd_decode_backward"]
@@ -162,7 +163,7 @@ EPILOGUE_SOURCE = "gather"
 
 def _split_gemm(z: Tensor) -> bool:
     if SPLIT_GEMM == "auto":
-        return z.is_cuda and z.dtype == torch.float32 and _precision(z.dtype) == "ieee"
+        return compiled(z) and z.dtype == torch.float32 and _precision(z.dtype) == "ieee"
     return SPLIT_GEMM == "always"
 
 
@@ -212,13 +213,16 @@ def _launch(z, decoder, experts, values, indices, *, c_source, c_tilde=None, bia
             gh_t.stride(0), gh_t.stride(1), gc_t.stride(0), gc_t.stride(1))
     flags = dict(C_SOURCE=c_source, HAS_BIAS=bias is not None, WRITE_Y=y is not None, WRITE_GH=gh is not None,
                  WRITE_GC=gc is not None, PRECISION=_precision(z.dtype),
-                 DOT_FP32=not z.is_cuda and z.dtype == torch.bfloat16)
+                 DOT_FP32=not compiled(z) and z.dtype == torch.bfloat16)
 
     def grid(meta):
         return (triton.cdiv(B, meta["BLOCK_M"]) * triton.cdiv(O, meta["BLOCK_N"]),)
 
-    if z.is_cuda:
+    if compiled(z) and autotune_enabled():
         _mxd_decode_tuned[grid](*args, **flags)
+    elif compiled(z):
+        c = _CUDA_CONFIGS[0]
+        _mxd_decode_kernel[grid](*args, **flags, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     else:
         _mxd_decode_kernel[grid](*args, **flags, **_INTERPRETER_CONFIG)
 

@@ -47,7 +47,6 @@ kernels/gather_combine.py.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -55,6 +54,8 @@ import triton
 import triton.language as tl
 
 from mxd_fast._utils import new_empty
+
+from ._device import autotune_enabled, compiled, multiprocessor_count
 
 # Largest k handled in registers; larger k uses the torch backend's tiled path.
 MAX_K = 256
@@ -244,10 +245,6 @@ def _default_config(k_pad: int, dtype: torch.dtype) -> triton.Config:
                          num_warps=4, num_stages=4 if bb > 16 else 3)
 
 
-def _autotune() -> bool:
-    return os.environ.get("MXD_FAST_AUTOTUNE", "1") not in ("0", "false", "False")
-
-
 _tuned_fwd_kernel = triton.autotune(
     configs=_cuda_configs(), key=["I", "N", "K", "HAS_BIAS", "SPLIT", "B_BUCKET"],
     prune_configs_by={"early_config_prune": _prune},
@@ -281,10 +278,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if torch.get_float32_matmul_precision() != "highest" else "tf32x3"
 
 
-def _choose_split(B: int, N: int, device: torch.device) -> int:
-    if device.type != "cuda":
+def _choose_split(B: int, N: int, x: torch.Tensor) -> int:
+    if not compiled(x):
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = multiprocessor_count(x)
     row_blocks = triton.cdiv(B, 64)
     want = triton.cdiv(_PROGRAMS_PER_SM * sms, row_blocks)
     return max(1, min(want, N // _MIN_SPLIT_EXPERTS, 64))
@@ -298,7 +295,7 @@ def _forward(x, weight, bias, k, split=None, config=None):
     indices = new_empty((B, k), torch.int64, device)
     if B == 0:
         return values, indices
-    if device.type == "cuda":
+    if compiled(x):
         # Loads along a unit-stride dimension are vectorised and pipelined (cp.async); without
         # one, a copy is cheaper than the element-wise loads.
         if 1 not in x.stride():
@@ -307,7 +304,7 @@ def _forward(x, weight, bias, k, split=None, config=None):
             weight = weight.contiguous()
     k_pad = _next_pow2(k)
     if split is None:
-        split = _choose_split(B, N, device)
+        split = _choose_split(B, N, x)
     split = max(1, min(split, N))
     to_ws = split > 1
     ws = torch.empty((split, B, k_pad) if to_ws else (1,), dtype=torch.int64, device=device)
@@ -318,12 +315,12 @@ def _forward(x, weight, bias, k, split=None, config=None):
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), b_stride,
             min(_next_pow2(B), 4096))
     meta = dict(K=k, K_PAD=k_pad, FULL_MERGE_AT=_full_merge_at(k_pad), HAS_BIAS=has_bias, TO_WORKSPACE=to_ws,
-                DOT_PRECISION=_dot_precision(x.dtype), DOT_UPCAST=device.type != "cuda")
-    if config is None and device.type == "cuda" and _autotune():
+                DOT_PRECISION=_dot_precision(x.dtype), DOT_UPCAST=not compiled(x))
+    if config is None and compiled(x) and autotune_enabled():
         grid = lambda m: (triton.cdiv(B, m["BLOCK_B"]), split)  # noqa: E731
         _tuned_fwd_kernel[grid](*args, **meta)
     else:
-        if config is None and device.type == "cuda":
+        if config is None and compiled(x):
             c = _default_config(k_pad, x.dtype)
             config = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
         cfg = dict(_INTERPRETER_CONFIG, **(config or {}))
@@ -334,7 +331,7 @@ def _forward(x, weight, bias, k, split=None, config=None):
         grid = (triton.cdiv(B, cfg["BLOCK_B"]), split)
         _topk_gate_fwd_kernel[grid](*args, **meta, **cfg, num_warps=num_warps, num_stages=num_stages)
     if to_ws:
-        block_b = 16 if k_pad <= 64 else 8 if device.type == "cuda" else 16
+        block_b = 16 if k_pad <= 64 else 8 if compiled(x) else 16
         _topk_gate_merge_kernel[(triton.cdiv(B, block_b),)](ws, values, indices, B, split, B * k_pad,
                                                              K=k, K_PAD=k_pad, BLOCK_B=block_b)
     return values, indices
