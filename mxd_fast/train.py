@@ -3,6 +3,7 @@
     python -m mxd_fast.train                       # embedded SmolLM2-135M (offline), CPU-sized defaults
     python -m mxd_fast.train --model gpt2 --layer 8 --k 32 --tokens 480_000_000 --device cuda
     torchrun --nproc-per-node 4 -m mxd_fast.train --model ... # DDP, each rank reads its own documents
+    torchrun --nproc-per-node 4 -m mxd_fast.train --parallel fsdp ...  # FSDP2: layer and AdamW state sharded
 
 The recipe is the paper's: the module's own initialisation; experts renormalised to unit norm before
 every forward pass and the component of their gradient parallel to them removed after backward;
@@ -29,6 +30,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from . import harvest as H
 from . import reference
@@ -38,6 +40,7 @@ from .module import MxD, mxd_experts_for_budget
 from .transcoder import TopKTranscoder
 
 ARCHS = ("mxd", "transcoder", "skip-transcoder")
+PARALLEL = ("ddp", "fsdp")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 LAYER_FILE, CONFIG_FILE, METRICS_FILE = "layer.safetensors", "config.json", "metrics.json"
 
@@ -183,7 +186,7 @@ def op_backend(args) -> str:
 
 
 class TrainForward(nn.Module):
-    """What the training step runs (and DDP wraps): (y^, values, indices) of the layer. With a compute
+    """What the training step runs (and DDP or FSDP wraps): (y^, values, indices) of the layer. With a compute
     dtype other than the parameters' (bf16), parameters and inputs are cast to it for the computation
     and gradients flow back to the fp32 parameters: mixed precision that does not need autocast
     support in the ops."""
@@ -313,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--log-every", type=int, default=None, help="steps per logging window")
     a("--dead-window", type=int, default=1_000_000, help="an expert is dead if it did not fire in this many "
       "tokens")
+    a("--parallel", choices=PARALLEL, default="ddp", help="with several ranks (torchrun): ddp replicates the "
+      "layer on every rank and all-reduces the gradients; fsdp (FSDP2 fully_shard) shards the parameters, "
+      "gradients and AdamW state across the ranks (each expert row whole on one rank), for layers too large to "
+      "replicate; the resume checkpoint holds each rank's shards (resume with the same number of ranks)")
     a("--compile", action="store_true", help="torch.compile the training forward pass")
     a("--backend", default="auto", choices=("auto", "torch", "triton", "cuda", "reference"),
       help="mxd_fast op backend; reference: train with the paper's dense computation (to compare throughput)")
@@ -442,6 +449,80 @@ def make_optimizer(layer: nn.Module, lr: float, warmup: int):
     return optimizer, scheduler
 
 
+# ---- several ranks ---------------------------------------------------------------------------
+
+def wrap_for_ranks(forward: TrainForward, parallel: str, device: torch.device) -> nn.Module:
+    """The training forward of one rank of several (process group initialised; build the optimiser after).
+
+    ddp: DistributedDataParallel, the layer replicated on every rank, gradients all-reduced (averaged).
+    fsdp: FSDP2 `fully_shard`, in place: every parameter of the layer, its gradient and its AdamW state become
+    DTensors sharded along dim 0 across the ranks, so an expert row of C (a gate row, a decoder row) stays
+    whole on one rank and the per-row expert renormalisation and gradient projection of the recipe run on
+    each rank's shard without communication. The whole layer is one FSDP unit: its parameters are
+    all-gathered for the forward and backward passes and the gradients reduce-scattered (averaged, as with
+    DDP). With a compute dtype other than the parameters' (bf16), the parameters are gathered in that dtype
+    and the gradients reduced in the parameters' (the fp32 master weights stay fp32), as TrainForward's
+    own cast does with DDP."""
+    if parallel == "ddp":
+        return nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda"
+                                                   else None)
+    if parallel != "fsdp":
+        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+    import warnings
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    param_dtype = next(forward.layer.parameters()).dtype
+    cast = forward.compute_dtype != param_dtype
+    policy = MixedPrecisionPolicy(param_dtype=forward.compute_dtype if cast else None,
+                                  reduce_dtype=param_dtype if cast else None)
+    # the ops return reshaped views; train_step never modifies the outputs in place, which is what this warns of
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    return fully_shard(forward, mesh=init_device_mesh(device.type, (dist.get_world_size(),)), mp_policy=policy)
+
+
+def _local(t):
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _like(ref, t: Tensor) -> Tensor:
+    """A rank's shard `t` as a DTensor sharded like `ref`, if ref is one; else t."""
+    if not isinstance(ref, DTensor):
+        return t
+    return DTensor.from_local(t, ref.device_mesh, ref.placements, shape=ref.shape, stride=ref.stride(),
+                              run_check=False)
+
+
+def local_state(layer: nn.Module, optimizer) -> tuple[dict, dict]:
+    """The state dicts of the layer and its optimiser with plain tensors, for a per-rank checkpoint: this
+    rank's shard in place of each sharded (FSDP) tensor; unchanged for a replicated layer."""
+    opt = optimizer.state_dict()
+    opt = {**opt, "state": {i: {k: _local(v) for k, v in s.items()} for i, s in opt["state"].items()}}
+    return {name: _local(t) for name, t in layer.state_dict().items()}, opt
+
+
+def load_local_state(layer: nn.Module, optimizer, layer_state: dict, optimizer_state: dict) -> None:
+    """Inverse of local_state on a layer sharded (or not) as when it was saved."""
+    ref = layer.state_dict()
+    layer.load_state_dict({name: _like(ref[name], t) for name, t in layer_state.items()})
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {i: {k: _like(params[i], v) if torch.is_tensor(v) and v.dim() else v for k, v in s.items()}
+             for i, s in optimizer_state["state"].items()}   # AdamW's step counts are plain scalars
+    optimizer.load_state_dict({**optimizer_state, "state": state})
+
+
+def full_layer(layer: nn.Module, device) -> Optional[nn.Module]:
+    """An unsharded copy of an FSDP-sharded layer on rank 0 (None on the others); every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(layer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    spec = dict(layer_spec(layer))
+    plain = build_layer(spec.pop("arch"), **spec, device="meta", dtype=next(layer.parameters()).dtype)
+    plain = plain.to_empty(device=device)
+    plain.load_state_dict(state)
+    return plain
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = _resolve(build_parser().parse_args(argv))
     if args.threads:
@@ -499,9 +580,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     log(f"{args.arch}: {layer.extra_repr()}; {n_params:,} parameters (budget {budget:,}: a TopK transcoder of "
         f"width {width}); layer {args.layer} of {n_layers}, d = {d}")
     forward = TrainForward(layer, DTYPES[args.dtype], dense_reference=args.backend == "reference")
+    sharded = world > 1 and args.parallel == "fsdp"
     if world > 1:
-        forward = nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda"
-                                                      else None)
+        forward = wrap_for_ranks(forward, args.parallel, device)
+    elif args.parallel == "fsdp":
+        log("--parallel fsdp: a single process, nothing to shard")
     if args.compile:
         forward = torch.compile(forward)
     optimizer, scheduler = make_optimizer(layer, args.lr, warmup)
@@ -519,8 +602,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if not ckpt_path.exists():
             raise SystemExit(f"--resume: no checkpoint {ckpt_path}")
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        layer.load_state_dict(state["layer"])
-        optimizer.load_state_dict(state["optimizer"])
+        saved = (state.get("world", world), state.get("fsdp", False))
+        if saved != (world, sharded):
+            raise SystemExit(f"--resume: {ckpt_path} was written by {saved[0]} rank(s)"
+                             f"{' with --parallel fsdp' if saved[1] else ''}; resume the same way")
+        load_local_state(layer, optimizer, state["layer"], state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         buffer.load_state_dict(state["buffer"])
         stats.load_state_dict(state["stats"])
@@ -530,8 +616,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         log(f"resumed from {ckpt_path} at step {step}")
 
     def checkpoint():
-        atomic_save({"step": step, "layer": layer.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "buffer": buffer.state_dict(),
+        layer_state, optimizer_state = local_state(layer, optimizer)   # this rank's shards with fsdp
+        atomic_save({"step": step, "world": world, "fsdp": sharded, "layer": layer_state,
+                     "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "buffer": buffer.state_dict(),
                      "stats": stats.state_dict(), "rng": torch.get_rng_state(), "history": history, "acc": acc,
                      "scales": (x_scale, y_scale),
                      "args": vars(args)}, ckpt_path)
@@ -548,7 +635,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     x_scale, y_scale = scales
     stop = steps if args.stop_after is None else min(steps, args.stop_after)
     log(f"training {steps} steps of {args.batch} tokens ({steps * args.batch:,} tokens), lr {args.lr}, "
-        f"warm-up {warmup} steps, {args.dtype}, {world} rank(s)")
+        f"warm-up {warmup} steps, {args.dtype}, {world} rank(s){f' ({args.parallel})' if world > 1 else ''}")
     bar = _progress(steps, step, rank == 0 and not args.quiet)
     log.bar = bar
     with use_backend(op_backend(args)):
@@ -600,7 +687,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     checkpoint()
     if args.arch == "mxd":
         layer.normalize_experts()
-    layer = fold_scales(copy.deepcopy(layer), x_scale, y_scale) if (x_scale, y_scale) != (1.0, 1.0) else layer
+    if step >= steps:
+        if sharded:
+            layer = full_layer(layer, device)   # gathered from the shards: on rank 0, None on the others
+        if layer is not None and (x_scale, y_scale) != (1.0, 1.0):
+            layer = fold_scales(layer if sharded else copy.deepcopy(layer), x_scale, y_scale)
     trained_tokens = (step - start_step) * args.batch
     tokens_per_s = trained_tokens / max(train_seconds, 1e-9)
     if step < steps:
@@ -621,6 +712,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             "layer_tokens_per_s": trained_tokens / max(train_seconds - (buffer.harvest_seconds - harvest_s0), 1e-9),
             "parameters": n_params, "parameter_budget": budget, "size": size, "k": args.k, "layer": args.layer,
             "d": d, "hidden": hidden if args.arch == "mxd" else None, "world_size": world,
+            "parallel": args.parallel if world > 1 else None,
             "x_scale": x_scale, "y_scale": y_scale,
         }
         cfg = {"model": {"name": args.model or f"embedded:{H.embedded_model_path().name}", "layer": args.layer,
