@@ -13,6 +13,8 @@ Providers
   reference   mxd_fast.reference: the paper's dense computation (dense gate logits, top-k scattered
               into a dense [T, N] tensor, dense products; autograd through them).
   gemm+topk   (topk_gate only) torch.addmm + relu + torch.topk: the obvious baseline of the gate.
+  gemm        (mxd_decode only) the dense z @ decoder product alone (and its two gradients): the floor
+              a fused decode, which adds the gathered expert rows to its epilogue, is measured against.
   torch, triton, cuda   the mxd_fast ops under use_backend(name).
   transcoder  (train only) mxd_fast.TopKTranscoder of width 32*d (about the parameter count of the
               MxD), k = K, on the "auto" backend.
@@ -26,6 +28,7 @@ actually run (T*N*d), the sparse ones the K-sparse products (T*K*d). With T toke
   gather_combine fwd: dense 2TNd, sparse 2TKd; bwd (dW, dvalues): dense 4TNd, sparse 4TKd
   mxd_decode     fwd: 2THd + (dense 2TNd | sparse 2TKd) + 2Td
                  bwd: 4THd (dz, dD) + (dense 4TNd | sparse 4TKd) (dC, dvalues) + 2Td
+                 gemm: fwd 2THd, bwd 4THd
   train (MxD)    fwd: 2T(dH + Nd + Hd) + (dense 2TNd | sparse 2TKd)
                  bwd: 2TdH (dE) + 4THd (dz, dD) + gate dW (dense 2TNd | sparse 2TKd)
                       + dC, dvalues (dense 4TNd | sparse 4TKd)
@@ -56,6 +59,7 @@ OP_MODES = ("fwd", "fwd+bwd")
 TRAIN_MODE = "step"
 BACKENDS = ("torch", "triton", "cuda")
 DENSE_PROVIDERS = ("reference", "gemm+topk", "mlp")
+PARTIAL_PROVIDERS = ("gemm",)   # time a part of the op (a floor to compare with), not the op itself
 
 
 def modes_for(op: str) -> tuple[str, ...]:
@@ -65,6 +69,8 @@ def modes_for(op: str) -> tuple[str, ...]:
 def all_providers(op: str) -> tuple[str, ...]:
     if op == "topk_gate":
         return ("reference", "gemm+topk", *BACKENDS)
+    if op == "mxd_decode":
+        return ("reference", "gemm", *BACKENDS)
     if op == "train":
         return ("reference", *BACKENDS, "transcoder", "mlp")
     return ("reference", *BACKENDS)
@@ -144,10 +150,12 @@ def _nbytes(*tensors) -> int:
 
 # ---- op cases ---------------------------------------------------------------------------------
 
-def _op_flops(op: str, mode: str, dense: bool, s: Shape) -> float:
+def _op_flops(op: str, mode: str, dense: bool, s: Shape, provider: str = "") -> float:
     T, d, H, N, K = s.T, s.d, s.H, s.N, s.K
     width = N if dense else K
-    if op == "topk_gate":
+    if provider == "gemm":
+        fwd, bwd = 2 * T * H * d, 4 * T * H * d
+    elif op == "topk_gate":
         fwd, bwd = 2 * T * N * d, 4 * T * width * d
     elif op == "gather_combine":
         fwd, bwd = 2 * T * width * d, 4 * T * width * d
@@ -247,6 +255,8 @@ def _op_forward(op: str, provider: str, K: int) -> Callable[[dict], Any]:
         f = reference.gather_combine if provider == "reference" else mxd_fast.gather_combine
         return lambda i: f(i["weight"], i["values"], i["indices"])
     if op == "mxd_decode":
+        if provider == "gemm":
+            return lambda i: i["z"] @ i["decoder"]
         f = reference.mxd_decode if provider == "reference" else mxd_fast.mxd_decode
         return lambda i: f(i["z"], i["decoder"], i["experts"], i["values"], i["indices"], i["bias"])
     raise ValueError(op)
@@ -260,6 +270,7 @@ def op_case(op: str, mode: str, provider: str, s: Shape, dtype: torch.dtype, dev
     es = torch.empty((), dtype=dtype).element_size()
     dense = provider in DENSE_PROVIDERS
     forward = _op_forward(op, provider, s.K)
+    used = ("z", "decoder") if provider == "gemm" else None   # the inputs the provider differentiates
 
     def call(inp: dict):
         with _ctx(provider):
@@ -267,12 +278,11 @@ def op_case(op: str, mode: str, provider: str, s: Shape, dtype: torch.dtype, dev
                 with torch.no_grad():
                     return forward(inp)
             out = forward(inp)
-            return torch.autograd.grad(out, [inp[n] for n in inp["_diff"]], inp["grad_out"])
-
+            return torch.autograd.grad(out, [inp[n] for n in used or inp["_diff"]], inp["grad_out"])
 
     input_bytes = _op_input_bytes(op, mode, s, es)
     return Case(op=op, mode=mode, provider=provider, shape=s, dtype=dtype, device=device,
-                flops=_op_flops(op, mode, dense, s), bytes=_op_bytes(op, mode, s, es), input_bytes=input_bytes,
+                flops=_op_flops(op, mode, dense, s, provider), bytes=_op_bytes(op, mode, s, es), input_bytes=input_bytes,
                 workspace_bytes=_op_workspace(op, mode, dense, s, es),
                 _inputs=lambda c: _make_op_inputs(op, mode, s, dtype, device, seed=1000 + c), _fn=lambda: call)
 

@@ -236,7 +236,7 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", help=f"comma-separated subset of {','.join(C.OPS)} (default: the suite's)")
     p.add_argument("--modes", help="comma-separated subset of fwd, fwd+bwd, step")
-    p.add_argument("--providers", help="comma-separated subset of reference, gemm+topk, torch, triton, cuda, "
+    p.add_argument("--providers", help="comma-separated subset of reference, gemm+topk, gemm, torch, triton, cuda, "
                                        "transcoder, mlp (default: every one that runs on the device)")
     p.add_argument("--shapes", help="comma-separated shape specs: gpt2, pythia-410m, pythia-1.4b, llama-3.2-3b, "
                                     "small, tiny, paper, with overrides name:T=2048,K=64,N=..,H=..,d=.., or "
@@ -323,9 +323,9 @@ def _main(args) -> int:
                 row["frac_copy"] = row["bytes"] / row["median"] / ceilings.copy_bytes
     meta["load_average_end"] = os.getloadavg()
     text = report.legend(meta) + "\n\n" + report.table(rows)
-    train_summary = report.summary(rows)
-    if train_summary:
-        text += "\n\n" + train_summary
+    for extra in (report.summary(rows), report.targets(rows)):
+        if extra:
+            text += "\n\n" + extra
     if meta["unavailable"]:
         text += "\n\nnot run: " + "; ".join(f"{p}: {why}" for p, why in meta["unavailable"].items())
     print()

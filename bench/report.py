@@ -93,6 +93,47 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _median(rows: list[dict], op: str, mode: str, shape: str, provider: str):
+    return next((r["median"] for r in rows if (r["op"], r["mode"], r["shape"], r["provider"]) == (op, mode, shape,
+                                                                                            provider)
+                 and r.get("median")), None)
+
+
+# (op, mode, baseline provider, what the ratio is, target): ratios of times measured in the same run.
+TARGETS = (
+    ("topk_gate", "fwd", "gemm+topk", "speedup over addmm + relu + torch.topk", ">= 1.3"),
+    ("mxd_decode", "fwd", "gemm", "time / the z @ decoder GEMM alone", "<= 1.15"),
+    ("train", "fwd+bwd", "reference", "speedup of forward + backward over the dense reference", ">= 4"),
+)
+
+
+def targets(rows: list[dict]) -> str:
+    """Per shape, the ratios the kernels are held to: each mxd_fast backend against its baseline,
+    plus, for the training step, the fraction of the matmul ceiling its sparse FLOPs reach."""
+    lines = []
+    for op, mode, base, what, goal in TARGETS:
+        shapes = list(dict.fromkeys(r["shape"] for r in rows if r["op"] == op and r["mode"] == mode))
+        for shape in shapes:
+            b = _median(rows, op, mode, shape, base)
+            if b is None:
+                continue
+            parts = []
+            for r in rows:
+                if (r["op"], r["mode"], r["shape"]) != (op, mode, shape) or r["provider"] not in ("torch", "triton",
+                                                                                               "cuda"):
+                    continue
+                if not r.get("median"):
+                    continue
+                ratio = r["median"] / b if base == "gemm" else b / r["median"]
+                part = f"{r['provider']} {ratio:.2f}"
+                if op == "train" and r.get("frac_matmul") is not None:
+                    part += f" ({100 * r['frac_matmul']:.0f}% of the matmul ceiling)"
+                parts.append(part)
+            if parts:
+                lines.append(f"{op} {mode} {shape}: {what} (target {goal}): " + ", ".join(parts))
+    return "\n".join(lines)
+
+
 def write_json(path: str, meta: dict, rows: list[dict]) -> None:
     with open(path, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
