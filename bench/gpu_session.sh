@@ -1,35 +1,90 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in stages that each fit in one 10-minute command on a lent machine:
-#   bash bench/gpu_session.sh build   # build the CUDA extension, print backends
-#   bash bench/gpu_session.sh test    # build (if needed) + cuda/triton tests on the GPU + the whole suite
-#   bash bench/gpu_session.sh bench   # build (if needed) + the default GPU benchmark suite
-# Logs and results go to $OUT (or ./gpu-out); commit the bench folder under bench/results/.
+# Everything that needs a GPU, in one command that ends on its own before DEADLINE seconds:
+#   bash bench/gpu_session.sh [DEADLINE]
+# 1. versions and device; the CUDA extension (a prebuilt mxd_fast/_C_cuda*.so is used when it imports,
+#    else it is built); 2. the test suite on the GPU (every backend, outputs poisoned), then the GPU-only
+#    scale tests (paper shapes in bf16, offsets past 2^31); 3. the benchmarks the kernels are held to
+#    (paper shapes, bf16, side by side); 4. with the time left, Triton autotuning at one shape.
+# Every stage gets a share of the time left and is cut off at it. Logs and results go to $WORK (default
+# /tmp/gpu-work) and are packed into $OUT/gpu-results.tar.gz; the whole log is $OUT/session.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
-mkdir -p "$OUT"
+WORK=${WORK:-/tmp/gpu-work}
+DEADLINE=${1:-560}
+mkdir -p "$WORK"
+exec > >(tee "$OUT/session.log") 2>&1
+T0=$(date +%s)
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 PY=${PY:-python3}
 
-build() {
-    if ! $PY -c "import mxd_fast._C_cuda" 2>/dev/null; then
-        (time $PY -m pip install -q --no-build-isolation --no-deps -e .) > "$OUT/build.log" 2>&1
-        tail -20 "$OUT/build.log"
-    fi
-    $PY -m mxd_fast.info | tee "$OUT/info.txt"
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >> "$OUT/info.txt"
+left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
+stage() { echo; echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
+# run SECONDS LOG CMD...: the command under a time limit (never past the deadline, 20 s kept for packing)
+run() {
+    local limit=$1 log=$2; shift 2
+    local room=$(( $(left) - 20 ))
+    (( limit > room )) && limit=$room
+    if (( limit < 10 )); then echo "skipped (no time left): $*" | tee -a "$WORK/$log"; return 0; fi
+    echo "\$ timeout $limit $*"
+    timeout --kill-after=5 "$limit" "$@" 2>&1 | tee -a "$WORK/$log"
+    local rc=${PIPESTATUS[0]}
+    echo "(exit $rc after $(( $(date +%s) - T0 )) s)"
 }
 
-case "${1:-test}" in
-    build) build ;;
-    test)
-        build
-        $PY -m pytest -q -p no:cacheprovider -m "cuda or triton" tests -x --durations=20 2>&1 | tee "$OUT/tests-gpu.log"
-        $PY -m pytest -q -p no:cacheprovider -m "not cuda and not triton" tests 2>&1 | tail -30 | tee "$OUT/tests-rest.log"
-        ;;
-    bench)
-        build
-        $PY -m bench --device cuda --dtype bf16 --out "$OUT/bench" 2>&1 | tail -60 | tee "$OUT/bench.log"
-        ;;
-    *) echo "usage: $0 build|test|bench" >&2; exit 2 ;;
-esac
+stage "machine and versions"
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+    $PY -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')"
+    nproc; git log -1 --format='commit %H %cd' 2>/dev/null
+} 2>&1 | tee "$WORK/info.txt"
+
+stage "install"
+if $PY -c "import torch, mxd_fast._C_cuda" >/dev/null 2>&1; then
+    echo "prebuilt CUDA extension imports"
+    MXD_FAST_NO_CUDA=1 $PY -m pip install -q --no-build-isolation --no-deps -e . > "$WORK/install.log" 2>&1
+else
+    $PY -c "import torch, mxd_fast._C_cuda" 2>&1 | tail -3
+    rm -f mxd_fast/_C_cuda*.so
+    echo "building the CUDA extension"
+    run 240 build.log $PY -m pip install --no-build-isolation --no-deps -e .
+fi
+$PY -m mxd_fast.info 2>&1 | tee -a "$WORK/info.txt"
+
+# Default kernel configurations for tests and benchmarks (autotuning compiles every candidate); the
+# last stage autotunes.
+export MXD_FAST_AUTOTUNE=0
+COMMON=(-q -p no:cacheprovider)
+$PY -c "import pytest_timeout" 2>/dev/null && COMMON+=(--timeout 150)
+workers() { $PY -c "import xdist" 2>/dev/null && echo "-n $1"; }
+
+stage "tests on the GPU (all backends; trainer, distributed and build tests excluded)"
+run 150 tests.log $PY -m pytest "${COMMON[@]}" $(workers 12) tests --ignore=tests/test_gpu_scale.py \
+    --ignore=tests/test_train.py --ignore=tests/test_distributed.py --ignore=tests/test_cuda_build.py -rfE -v
+
+bench() {   # bench LIMIT INDEX SHAPES: one shape's ops and training step, every provider, bf16
+    run "$1" bench.log $PY -m bench --device cuda --dtype bf16 --shapes "$3" --ops topk_gate,mxd_decode,train \
+        --modes fwd,fwd+bwd --no-plot --out "$WORK/bench-$2"
+}
+stage "benchmarks (bf16, paper shapes; ratios measured side by side)"
+bench 90 1 pythia-1.4b
+bench 70 2 llama-3.2-3b
+
+stage "GPU scale tests (paper shapes bf16, offsets past 2^31)"
+run 100 scale.log $PY -m pytest "${COMMON[@]}" $(workers 3) tests/test_gpu_scale.py -rfE -v
+
+stage "more benchmarks"
+bench 60 3 pythia-1.4b:K=128
+bench 60 4 llama-3.2-3b:T=8192,K=128
+
+stage "Triton autotuning at pythia-1.4b, K = 32 (default vs tuned configuration)"
+run 90 tune.log env MXD_FAST_AUTOTUNE=1 TRITON_PRINT_AUTOTUNING=1 $PY -m bench --device cuda --dtype bf16 \
+    --shapes pythia-1.4b --ops topk_gate,mxd_decode --modes fwd --providers triton --no-plot --out "$WORK/bench-tuned"
+
+stage "benchmarks, as time allows"
+bench 60 5 pythia-1.4b:T=8192
+bench 60 6 llama-3.2-3b:K=128
+
+stage "pack"
+tar czf "$OUT/gpu-results.tar.gz" -C "$WORK" . && ls -la "$OUT"
+echo "done after $(( $(date +%s) - T0 )) s"
