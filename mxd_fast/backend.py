@@ -2,6 +2,11 @@
 
 `with use_backend("triton"): ...` or the environment variable MXD_FAST_BACKEND picks the
 implementation behind every op: "auto" (default), "torch", "triton" or "cuda".
+
+A block's setting holds in its own thread and, for threads that have none of their own, process-wide:
+autograd runs the backward passes of CUDA tensors on its own device thread. Each op's forward also
+records the setting in force for its backward pass, so that an eager backward runs on the forward's
+backend and determinism wherever it is called from.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ AUTO_PREFERENCE = {
 }
 
 _state = threading.local()
+# The innermost setting of any thread: what threads without a setting of their own see.
+_shared: dict = {"name": None, "deterministic": None}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -39,6 +46,8 @@ def _check_name(name: str) -> str:
 def get_backend() -> str:
     """The backend in force: the innermost use_backend(), else MXD_FAST_BACKEND, else "auto"."""
     name = getattr(_state, "name", None)
+    if name is None:
+        name = _shared["name"]
     if name is not None:
         return name
     env = os.environ.get("MXD_FAST_BACKEND", "auto")
@@ -52,18 +61,28 @@ def get_backend() -> str:
 def use_backend(name: str):
     """Run the mxd_fast ops inside the block with backend `name`."""
     name = _check_name(name)
-    previous = getattr(_state, "name", None)
-    _state.name = name
+    with _setting("name", name):
+        yield
+
+
+@contextlib.contextmanager
+def _setting(key: str, value):
+    previous, previous_shared = getattr(_state, key, None), _shared[key]
+    setattr(_state, key, value)
+    _shared[key] = value
     try:
         yield
     finally:
-        _state.name = previous
+        setattr(_state, key, previous)
+        _shared[key] = previous_shared
 
 
 def deterministic() -> bool:
     """Backward passes use the deterministic (atomics-free) kernels unless MXD_FAST_DETERMINISTIC=0
     or use_deterministic(False) says otherwise."""
     flag = getattr(_state, "deterministic", None)
+    if flag is None:
+        flag = _shared["deterministic"]
     if flag is not None:
         return flag
     return os.environ.get("MXD_FAST_DETERMINISTIC", "1") not in ("0", "false", "False")
@@ -73,12 +92,21 @@ def deterministic() -> bool:
 def use_deterministic(flag: bool = True):
     if not isinstance(flag, bool):
         raise TypeError(f"flag must be a bool, got {type(flag).__name__}")
-    previous = getattr(_state, "deterministic", None)
-    _state.deterministic = flag
-    try:
+    with _setting("deterministic", flag):
         yield
-    finally:
-        _state.deterministic = previous
+
+
+def settings() -> tuple[str, bool]:
+    """The backend and determinism in force: what an op's forward records for its backward pass."""
+    return get_backend(), deterministic()
+
+
+@contextlib.contextmanager
+def use_settings(recorded: tuple[str, bool]):
+    """Run the block with settings() recorded earlier (an op's backward pass, on whatever thread)."""
+    name, flag = recorded
+    with use_backend(name), use_deterministic(flag):
+        yield
 
 
 def _triton_status(device: torch.device, op: str | None) -> str | None:

@@ -85,6 +85,7 @@ def _(grad_y, weight, values, indices, need_weight, need_values):
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.settings = _backend.settings()   # the backward pass runs with the forward's backend
     ctx.save_for_backward(*inputs)
 
 
@@ -93,8 +94,9 @@ def _backward(ctx, grad_y):
     need_weight, need_values = ctx.needs_input_grad[:2]
     if not (need_weight or need_values):
         return None, None, None
-    dweight, dvalues = torch.ops.mxd_fast.gather_combine_backward(grad_y, weight, values, indices,
-                                                                  need_weight, need_values)
+    with _backend.use_settings(ctx.settings):
+        dweight, dvalues = torch.ops.mxd_fast.gather_combine_backward(grad_y, weight, values, indices,
+                                                                      need_weight, need_values)
     return dweight if need_weight else None, dvalues if need_values else None, None
 
 

@@ -109,6 +109,7 @@ def _(grad_y, z, decoder, experts, values, indices, need_z, need_decoder, need_e
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.settings = _backend.settings()   # the backward pass runs with the forward's backend
     z, decoder, experts, values, indices, bias = inputs
     ctx.has_bias = bias is not None
     ctx.save_for_backward(z, decoder, experts, values, indices)
@@ -120,7 +121,8 @@ def _backward(ctx, grad_y):
     needs = (need[0], need[1], need[2], need[3], need[5] and ctx.has_bias)
     if not any(needs):
         return (None,) * 6
-    grads = torch.ops.mxd_fast.mxd_decode_backward(grad_y, z, decoder, experts, values, indices, *needs)
+    with _backend.use_settings(ctx.settings):
+        grads = torch.ops.mxd_fast.mxd_decode_backward(grad_y, z, decoder, experts, values, indices, *needs)
     dz, ddecoder, dexperts, dvalues, dbias = (g if n else None for g, n in zip(grads, needs))
     return dz, ddecoder, dexperts, dvalues, None, dbias
 

@@ -120,6 +120,7 @@ def _(grad_values, x, weight, values, indices, need_x, need_weight, need_bias):
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.settings = _backend.settings()   # the backward pass runs with the forward's backend
     x, weight, bias, k = inputs
     values, indices = output
     ctx.mark_non_differentiable(indices)
@@ -133,8 +134,9 @@ def _backward(ctx, grad_values, grad_indices):
     need_bias = need_bias and ctx.has_bias
     if not (need_x or need_weight or need_bias):
         return None, None, None, None
-    dx, dweight, dbias = torch.ops.mxd_fast.topk_gate_backward(
-        grad_values, x, weight, values, indices, need_x, need_weight, need_bias)
+    with _backend.use_settings(ctx.settings):
+        dx, dweight, dbias = torch.ops.mxd_fast.topk_gate_backward(
+            grad_values, x, weight, values, indices, need_x, need_weight, need_bias)
     return (dx if need_x else None, dweight if need_weight else None, dbias if need_bias else None, None)
 
 
