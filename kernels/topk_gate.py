@@ -55,7 +55,7 @@ import triton.language as tl
 
 from mxd_fast._utils import new_empty
 
-from ._device import autotune_enabled, compiled, multiprocessor_count
+from ._device import autotune_enabled, compiled, multiprocessor_count, shared_memory_limit
 
 # Largest k handled in registers; larger k uses the torch backend's tiled path.
 MAX_K = 256
@@ -219,10 +219,14 @@ def _cuda_configs():
             for bb, bn, bi, w, st, fm in _CUDA_CONFIGS]
 
 
-def _fits(cfg: dict, k_pad: int, num_warps: int) -> bool:
+def _fits(cfg: dict, k_pad: int, num_warps: int, num_stages: int = 1, elem_bytes: int = 2,
+          shared_memory: Optional[int] = None) -> bool:
     """Whether a configuration keeps its registers in budget (checked against ptxas for sm_90:
-    beyond these bounds the kernel spills)."""
+    beyond these bounds the kernel spills) and, given the GPU's limit, its pipelined x and weight
+    tiles in shared memory."""
     bb, bn = cfg["BLOCK_B"], cfg["BLOCK_N"]
+    if shared_memory is not None and num_stages * (bb + bn) * cfg["BLOCK_I"] * elem_bytes > shared_memory:
+        return False
     # int64 running set: 2 * BLOCK_B * K_PAD / threads registers per thread; keep it under 64.
     if 2 * bb * k_pad > 64 * 32 * num_warps:
         return False
@@ -232,8 +236,10 @@ def _fits(cfg: dict, k_pad: int, num_warps: int) -> bool:
 
 
 def _prune(configs, named_args, **kwargs):
-    k_pad = kwargs["K_PAD"]
-    return [c for c in configs if _fits(c.kwargs, k_pad, c.num_warps)] or [_default_config(k_pad, torch.bfloat16)]
+    k_pad, x = kwargs["K_PAD"], named_args["x_ptr"]
+    limit = shared_memory_limit(x)
+    fit = [c for c in configs if _fits(c.kwargs, k_pad, c.num_warps, c.num_stages, x.element_size(), limit)]
+    return fit or [_default_config(k_pad, x.dtype)]
 
 
 def _default_config(k_pad: int, dtype: torch.dtype) -> triton.Config:
