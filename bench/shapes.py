@@ -124,6 +124,18 @@ def cpu_scaled(kind: str) -> list[Shape]:
     return shapes
 
 
+def split_specs(text: str) -> list[str]:
+    """A comma-separated list of shape specs, where a spec's own overrides also use commas:
+    "pythia-1.4b:T=8192,K=128,sweep-k" -> ["pythia-1.4b:T=8192,K=128", "sweep-k"]."""
+    specs: list[str] = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        if specs and ":" in specs[-1] and re.fullmatch(r"[A-Za-z]+=\d+", item):
+            specs[-1] += "," + item
+        else:
+            specs.append(item)
+    return specs
+
+
 def resolve(specs: list[str], device_type: str) -> list[Shape]:
     """Expand shape specs into a list of shapes (duplicates removed, order kept)."""
     out: list[Shape] = []

@@ -20,7 +20,7 @@ from bench import shapes as S
 from bench import timing as T
 
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-SHAPE_SPECS = os.environ.get("MXD_BENCH_SHAPES", "tiny").split(",")
+SHAPE_SPECS = S.split_specs(os.environ.get("MXD_BENCH_SHAPES", "tiny"))
 
 
 def _shapes():
@@ -148,6 +148,23 @@ def test_shape_specs():
         S.parse_shape("gpt2:Q=3")
     with pytest.raises(ValueError):
         S.parse_shape("nope")
+    assert S.split_specs("pythia-1.4b:T=8192,K=128,sweep-k@gpt2:T=512,N=4096,paper, tiny") == [
+        "pythia-1.4b:T=8192,K=128", "sweep-k@gpt2:T=512,N=4096", "paper", "tiny"]
+    assert [s.label() for s in S.resolve(S.split_specs("gpt2:T=64,K=8,tiny"), "cpu")] == [
+        S.parse_shape("gpt2:T=64,K=8").label(), S.NAMED["tiny"].label()]
+
+
+def test_targets_summary():
+    def row(op, mode, provider, median, frac=None):
+        return {"op": op, "mode": mode, "shape": "s", "provider": provider, "median": median, "frac_matmul": frac}
+    rows = [row("topk_gate", "fwd", "gemm+topk", 3.0), row("topk_gate", "fwd", "triton", 2.0),
+            row("mxd_decode", "fwd", "gemm", 1.0), row("mxd_decode", "fwd", "cuda", 1.5),
+            row("train", "fwd+bwd", "reference", 8.0), row("train", "fwd+bwd", "cuda", 2.0, 0.25)]
+    text = report.targets(rows)
+    assert "topk_gate fwd s: speedup over addmm + relu + torch.topk (target >= 1.3): triton 1.50" in text
+    assert "mxd_decode fwd s: time / the z @ decoder GEMM alone (target <= 1.15): cuda 1.50" in text
+    assert "train fwd+bwd s: speedup of forward + backward over the dense reference (target >= 4): cuda 4.00 " \
+           "(25% of the matmul ceiling)" in text
 
 
 def test_default_suites():
