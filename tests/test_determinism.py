@@ -1,5 +1,6 @@
 """With the deterministic backward (the default), gradients are bitwise identical across runs and do
 not depend on how the work is split into tiles or batch chunks."""
+import pytest
 import torch
 
 import mxd_fast
@@ -42,21 +43,25 @@ def test_torch_gathered_dot_independent_of_token_chunks(monkeypatch):
     torch.testing.assert_close(_sparse.gathered_dot(table, indices, dense), baseline)
 
 
-def test_torch_sorted_scatter_matches_the_csr_product():
-    """The torch backend's row scatter off the CPU (sorted index_put_ in token chunks) computes what the
-    CPU's CSR product does, in every dtype, whatever the chunk size."""
+@pytest.mark.parametrize("budget", [1 << 22, 40])     # one chunk; chunks of a few tokens
+def test_torch_sorted_scatter_matches_the_csr_product(monkeypatch, budget):
+    """The torch backend's row scatter off the CPU (sorted index_put_ or index_add_ in token chunks)
+    computes what the CPU's CSR product does, in every dtype."""
     from mxd_fast.ops import _sparse
 
+    monkeypatch.setattr(_sparse, "_GATHER_BUDGET", budget)
     g = torch.Generator().manual_seed(3)
     indices = torch.randint(0, 23, (300, 6), generator=g)
     indices[:, 0] = 4                                    # a hot row
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
         coeffs, dense = torch.randn(300, 6, generator=g).to(dtype), torch.randn(300, 9, generator=g).to(dtype)
         want = _sparse.scatter_rows(indices, coeffs, dense, 23)
-        got = _sparse._scatter_rows_sorted(indices, coeffs, dense, 23)
+        got = _sparse._scatter_rows_chunked(indices, coeffs, dense, 23)
         assert got.dtype == dtype
         tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else {}
         torch.testing.assert_close(got, want, **tol)
+        torch.testing.assert_close(_sparse._scatter_rows_chunked(indices, coeffs, dense, 23, deterministic=False),
+                                   want, **tol)
         untouched = torch.ones(23, dtype=torch.bool)
         untouched[indices.reshape(-1)] = False
         assert (got[untouched] == 0).all()

@@ -6,7 +6,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-# Rows of a temporary [rows, K, D] gather kept under this many elements.
+# Rows of a temporary [rows, K, D] gather kept under this many elements (CPU; 4x that on a GPU, where
+# fewer, larger launches pay).
 _GATHER_BUDGET = 1 << 22
 
 
@@ -54,17 +55,19 @@ def _gathered_dot_chunked(table: torch.Tensor, indices: torch.Tensor, dense: tor
     return out
 
 
-def scatter_rows(indices: torch.Tensor, coeffs: torch.Tensor, dense: torch.Tensor, n_rows: int) -> torch.Tensor:
+def scatter_rows(indices: torch.Tensor, coeffs: torch.Tensor, dense: torch.Tensor, n_rows: int,
+                 deterministic: bool = True) -> torch.Tensor:
     """out[n] = sum_{(b, j): indices[b, j] = n} coeffs[b, j] * dense[b]: the K-sparse row update of
-    a [n_rows, D] weight gradient. Deterministic. CPU: a CSR [n_rows, B] x [B, D] product; other
+    a [n_rows, D] weight gradient. CPU: a CSR [n_rows, B] x [B, D] product (deterministic); other
     devices: chunks of token contributions added with index_put_(accumulate=True), whose CUDA kernel
-    sorts the indices and sums each row's contributions in order (no atomics)."""
+    sorts the indices and sums each row's contributions in order (deterministic), or with atomic
+    index_add_ (deterministic=False, faster)."""
     B, K = indices.shape
     D = dense.shape[1]
     if B == 0:
         return dense.new_zeros(n_rows, D)
     if dense.device.type != "cpu":
-        return _scatter_rows_sorted(indices, coeffs, dense, n_rows)
+        return _scatter_rows_chunked(indices, coeffs, dense, n_rows, deterministic)
     flat = indices.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=n_rows)
@@ -76,23 +79,28 @@ def scatter_rows(indices: torch.Tensor, coeffs: torch.Tensor, dense: torch.Tenso
     return torch.sparse.mm(sparse, dense.to(dtype).contiguous()).to(dense.dtype)
 
 
-def _scatter_rows_sorted(indices, coeffs, dense, n_rows):
+def _scatter_rows_chunked(indices, coeffs, dense, n_rows, deterministic=True):
     B, K = indices.shape
     D = dense.shape[1]
     acc = _sparse_dtype(dense.dtype)
     out = torch.zeros(n_rows, D, dtype=acc, device=dense.device)
-    step = max(1, _GATHER_BUDGET // max(1, K * D))
+    budget = _GATHER_BUDGET * (1 if dense.device.type == "cpu" else 4)
+    step = max(1, budget // max(1, K * D))
     for b0 in range(0, B, step):
         c = coeffs[b0:b0 + step].to(acc)
         rows = (c[:, :, None] * dense[b0:b0 + step, None, :].to(acc)).reshape(-1, D)
-        out.index_put_((indices[b0:b0 + step].reshape(-1),), rows, accumulate=True)
+        flat = indices[b0:b0 + step].reshape(-1)
+        if deterministic:
+            out.index_put_((flat,), rows, accumulate=True)
+        else:
+            out.index_add_(0, flat, rows)
     return out.to(dense.dtype)
 
 
-def scatter_sum(indices: torch.Tensor, coeffs: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """out[n] = sum_{(b, j): indices[b, j] = n} coeffs[b, j]. Deterministic: index_add_ on the CPU
-    (sequential), the sorted index_put_ elsewhere (index_add_ uses atomics on CUDA)."""
-    if coeffs.device.type == "cpu":
+def scatter_sum(indices: torch.Tensor, coeffs: torch.Tensor, n_rows: int, deterministic: bool = True) -> torch.Tensor:
+    """out[n] = sum_{(b, j): indices[b, j] = n} coeffs[b, j]. index_add_ on the CPU (sequential,
+    deterministic); elsewhere the sorted index_put_ (deterministic) or index_add_ (atomics on CUDA)."""
+    if coeffs.device.type == "cpu" or not deterministic:
         return coeffs.new_zeros(n_rows).index_add_(0, indices.reshape(-1), coeffs.reshape(-1))
     acc = _sparse_dtype(coeffs.dtype)
     out = torch.zeros(n_rows, dtype=acc, device=coeffs.device)

@@ -46,7 +46,7 @@ def gather_combine_torch_forward(weight: Tensor, values: Tensor, indices: Tensor
 
 def gather_combine_torch_backward(grad_y, weight, values, indices, need_weight: bool, need_values: bool,
                                   deterministic: bool):
-    dweight = _sparse.scatter_rows(indices, values, grad_y, weight.shape[0]) if need_weight else None
+    dweight = _sparse.scatter_rows(indices, values, grad_y, weight.shape[0], deterministic) if need_weight else None
     dvalues = _sparse.gathered_dot(weight, indices, grad_y) if need_values else None
     return dweight, dvalues
 

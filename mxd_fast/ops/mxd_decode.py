@@ -58,7 +58,7 @@ def mxd_decode_torch_backward(grad_y, z, decoder, experts, values, indices, need
         del grad_h
     if need_experts or need_values:
         grad_c = grad_y * (z @ decoder)  # recomputed: (z @ decoder) is never kept between the passes
-        dexperts = _sparse.scatter_rows(indices, values, grad_c, experts.shape[0]) if need_experts else None
+        dexperts = _sparse.scatter_rows(indices, values, grad_c, experts.shape[0], deterministic) if need_experts else None
         dvalues = _sparse.gathered_dot(experts, indices, grad_c) if need_values else None
     if need_bias:
         dbias = grad_y.sum(0)

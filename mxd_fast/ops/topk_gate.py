@@ -76,8 +76,8 @@ def topk_gate_torch_backward(grad_values, x, weight, values, indices, need_x: bo
     # Only selected, positive logits carry gradient (relu mask).
     grad_logits = torch.where(values > 0, grad_values, torch.zeros((), dtype=grad_values.dtype))
     dx = _sparse.gather_combine(weight, grad_logits, indices) if need_x else None
-    dweight = _sparse.scatter_rows(indices, grad_logits, x, weight.shape[0]) if need_weight else None
-    dbias = _sparse.scatter_sum(indices, grad_logits, weight.shape[0]) if need_bias else None
+    dweight = _sparse.scatter_rows(indices, grad_logits, x, weight.shape[0], deterministic) if need_weight else None
+    dbias = _sparse.scatter_sum(indices, grad_logits, weight.shape[0], deterministic) if need_bias else None
     return dx, dweight, dbias
 
 
