@@ -265,3 +265,14 @@ def test_cli_rejects_unknown_names():
     for argv in (["--ops", "nope"], ["--providers", "nope"], ["--modes", "nope"]):
         with pytest.raises(SystemExit):
             cli.main(["--device", "cpu", "--quick", *argv])
+
+
+def test_profile_cli(capsys):
+    from bench import profile
+
+    assert profile.main(["--op", "gather_combine", "--provider", "torch", "--shape", "tiny", "--dtype", "fp32",
+                         "--device", "cpu", "--calls", "2", "--rows", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "gather_combine fwd+bwd [torch]" in out and "embedding_bag" in out
+    with pytest.raises(SystemExit):
+        profile.main(["--op", "topk_gate", "--provider", "gemm", "--device", "cpu"])
