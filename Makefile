@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.9.0
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: setup install test bench train info clean cuda-check
+.PHONY: setup install test bench train info clean cuda-check triton-check
 
 setup: $(VENV)/.setup-done
 
@@ -39,6 +39,11 @@ test: install setup-train
 # against torch's headers.
 cuda-check: setup
 	$(PY) csrc/check_build.py
+
+# Triton build check, no GPU needed: compiles every configuration the ops launch on a GPU for sm_80 and
+# sm_90 with Triton's compiler and ptxas; fails on a compile error or a spilling fixed configuration.
+triton-check: install
+	$(PY) -m mxd_fast.kernels.check_build
 
 bench: install
 	$(PY) -m bench

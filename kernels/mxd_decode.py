@@ -221,7 +221,8 @@ def _launch(z, decoder, experts, values, indices, *, c_source, c_tilde=None, bia
     if compiled(z) and autotune_enabled():
         _mxd_decode_tuned[grid](*args, **flags)
     elif compiled(z):
-        c = _CUDA_CONFIGS[0]
+        # without autotuning: the widest tile; the fused backward (two outputs) spills there, so the smallest
+        c = _CUDA_CONFIGS[5] if gh is not None and gc is not None else _CUDA_CONFIGS[0]
         _mxd_decode_kernel[grid](*args, **flags, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     else:
         _mxd_decode_kernel[grid](*args, **flags, **_INTERPRETER_CONFIG)

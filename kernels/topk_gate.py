@@ -247,7 +247,7 @@ def _default_config(k_pad: int, dtype: torch.dtype) -> triton.Config:
     bb = 64 if k_pad <= 64 else 32 if k_pad <= 128 else 16
     if dtype == torch.float32:
         return triton.Config(dict(BLOCK_B=bb, BLOCK_N=128, BLOCK_I=32, FULL_MERGE=False), num_warps=8, num_stages=3)
-    return triton.Config(dict(BLOCK_B=bb, BLOCK_N=128, BLOCK_I=64 if bb > 16 else 128, FULL_MERGE=False),
+    return triton.Config(dict(BLOCK_B=bb, BLOCK_N=128, BLOCK_I=64, FULL_MERGE=False),
                          num_warps=4, num_stages=4 if bb > 16 else 3)
 
 
