@@ -23,17 +23,17 @@ def multiprocessor_count(t: torch.Tensor) -> int:
 
 
 # Largest shared memory per block (opt-in) by compute capability, where the device cannot be asked.
-_SHARED_MEMORY = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+SHARED_MEMORY = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
 def shared_memory_limit(t: torch.Tensor) -> int:
     """Bytes of shared memory one program may use on the GPU that kernels on `t` compile for."""
     if not t.is_cuda:
         capability = compile_target[0] if compile_target is not None else 90
-        return _SHARED_MEMORY.get(capability, 99 * 1024)
+        return SHARED_MEMORY.get(capability, 99 * 1024)
     props = torch.cuda.get_device_properties(t.device)
     limit = getattr(props, "shared_memory_per_block_optin", None)
-    return int(limit) if limit else _SHARED_MEMORY.get(props.major * 10 + props.minor, 99 * 1024)
+    return int(limit) if limit else SHARED_MEMORY.get(props.major * 10 + props.minor, 99 * 1024)
 
 
 def autotune_enabled() -> bool:

@@ -31,8 +31,8 @@ from triton.runtime.jit import JITFunction
 
 from . import _device
 
-# Multiprocessors and largest shared memory per block (opt-in) of the GPUs each capability is checked as.
-GPUS = {80: ("A100", 108, 163 * 1024), 90: ("H100", 132, 227 * 1024)}
+# Name and multiprocessors of the GPU each capability is checked as (shared memory: _device).
+GPUS = {80: ("A100", 108), 90: ("H100", 132)}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -68,7 +68,7 @@ class Compiled:
     error: str = ""
 
     def fits(self) -> bool:
-        return not self.error and self.shared <= GPUS[self.capability][2]
+        return not self.error and self.shared <= _device.SHARED_MEMORY[self.capability]
 
     def clean(self) -> bool:
         return self.fits() and self.spill_bytes == 0
