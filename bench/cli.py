@@ -309,6 +309,8 @@ def _main(args) -> int:
             print(f"  {job.op:14s} {job.mode:7s} {job.shape.name:28s} {row['provider']:10s} {took:>12s} {status}",
                   flush=True)
         rows += group
+        # what is measured so far, in case the run is cut off (the final write replaces it)
+        report.write_json(os.path.join(out_dir, "results.json"), {**meta, "partial": True}, rows)
     # The ceilings again at the end: on a shared machine the load changes during the run, and the
     # fractions use the better of the two measurements.
     end = T.measure_ceilings(device, dtype, args.quick, cfg)

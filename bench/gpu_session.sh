@@ -4,7 +4,8 @@
 # 1. versions and device; the CUDA extension (a prebuilt mxd_fast/_C_cuda*.so is used when it imports,
 #    else it is built); 2. the test suite on the GPU (every backend, outputs poisoned), then the GPU-only
 #    scale tests (paper shapes in bf16, offsets past 2^31); 3. the benchmarks the kernels are held to
-#    (paper shapes, bf16, side by side); 4. with the time left, Triton autotuning at one shape.
+#    (paper shapes, bf16, side by side); 4. with the time left, Triton autotuning at one shape, more
+#    shapes, and the K and N sweeps with their plot.
 # Every stage gets a share of the time left and is cut off at it. Logs and results go to $WORK (default
 # /tmp/gpu-work) and are packed into $OUT/gpu-results.tar.gz; the whole log is $OUT/session.log.
 set -uo pipefail
@@ -85,6 +86,10 @@ run 90 tune.log env MXD_FAST_AUTOTUNE=1 TRITON_PRINT_AUTOTUNING=1 $PY -m bench -
 stage "benchmarks, as time allows"
 bench 60 5 pythia-1.4b:T=8192
 bench 60 6 llama-3.2-3b:K=128
+
+stage "sweeps over K and N around Pythia-1.4B, as time allows (results.json is written after every case)"
+run 300 sweeps.log $PY -m bench --device cuda --dtype bf16 --shapes sweep-k,sweep-n --ops topk_gate,mxd_decode \
+    --modes fwd,fwd+bwd --out "$WORK/bench-sweeps"
 
 stage "pack"
 tar czf "$OUT/gpu-results.tar.gz" -C "$WORK" . && ls -la "$OUT"

@@ -154,6 +154,24 @@ def test_shape_specs():
         S.parse_shape("gpt2:T=64,K=8").label(), S.NAMED["tiny"].label()]
 
 
+def test_cli_keeps_what_it_measured_when_cut_off(tmp_path, monkeypatch):
+    groups = []
+    real = cli.run_group
+
+    def cut_off_after_one(*a, **kw):
+        if groups:
+            raise KeyboardInterrupt   # what a time limit's signal amounts to
+        groups.append(real(*a, **kw))
+        return groups[-1]
+
+    monkeypatch.setattr(cli, "run_group", cut_off_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--quick", "--device", "cpu", "--shapes", "tiny", "--ops", "gather_combine", "--out", str(tmp_path),
+                  "--reps", "2", "--no-plot"])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["meta"]["partial"] and len(data["rows"]) == len(groups[0]) > 0
+
+
 def test_targets_summary():
     def row(op, mode, provider, median, frac=None):
         return {"op": op, "mode": mode, "shape": "s", "provider": provider, "median": median, "frac_matmul": frac}
@@ -183,6 +201,7 @@ def test_cli_writes_results(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "gather_combine" in printed and ("plot written" in printed or "matplotlib" in printed)
     data = json.loads((tmp_path / "results.json").read_text())
+    assert "partial" not in data["meta"]
     rows = data["rows"]
     assert {r["op"] for r in rows} == {"gather_combine", "train"}
     for r in rows:
