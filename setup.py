@@ -54,6 +54,10 @@ def cuda_extension():
     if CUDA_HOME is None:
         return [], {}
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    # the architectures the kernels are compiled for, read by mxd_fast.backend to refuse other GPUs clearly
+    with open(os.path.join("mxd_fast", "_cuda_build.py"), "w") as f:
+        f.write('"""Written by setup.py when it builds mxd_fast._C_cuda."""\n'
+                f'ARCH_LIST = {os.environ["TORCH_CUDA_ARCH_LIST"]!r}\n')
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
     if not sources:
         return [], {}

@@ -21,3 +21,12 @@ def cuda_ops_loaded() -> bool:
 
 def cuda_load_error() -> str | None:
     return _load("_C_cuda")
+
+
+def cuda_arch_list() -> str | None:
+    """TORCH_CUDA_ARCH_LIST of the build of mxd_fast._C_cuda, when setup.py recorded it."""
+    try:
+        from . import _cuda_build
+    except ImportError:
+        return None
+    return _cuda_build.ARCH_LIST

@@ -121,9 +121,36 @@ def _triton_status(device: torch.device, op: str | None) -> str | None:
                     "before triton is imported")
     elif device.type != "cuda":
         return f"Triton kernels do not run on device type {device.type!r}"
+    elif torch.cuda.get_device_capability(device) < TRITON_MIN_CAPABILITY:
+        capability = torch.cuda.get_device_capability(device)
+        return (f"the Triton kernels need compute capability {TRITON_MIN_CAPABILITY[0]}.{TRITON_MIN_CAPABILITY[1]} "
+                f"or newer, {device} has {capability[0]}.{capability[1]}")
     if op is not None and importlib.util.find_spec(f"mxd_fast.kernels.{op}") is None:
         return f"there is no Triton kernel for {op}"
     return None
+
+
+def archs_cover(arch_list: str, capability: tuple[int, int]) -> bool:
+    """Whether a build for TORCH_CUDA_ARCH_LIST `arch_list` ("8.0;9.0a", "7.5 8.6+PTX") has code that runs
+    on a GPU of compute capability `capability`: machine code of the same major and a minor not above it,
+    exactly that of an arch-specific ("a") target, or PTX of an older or equal one."""
+    for item in arch_list.replace(",", ";").replace(" ", ";").split(";"):
+        if not item:
+            continue
+        ptx = item.endswith("+PTX")
+        item = item.removesuffix("+PTX")
+        specific = item.endswith("a")
+        major, _, minor = item.rstrip("a").partition(".")
+        arch = (int(major), int(minor or 0))
+        if arch == capability or (not specific and arch[0] == capability[0] and arch[1] <= capability[1]):
+            return True
+        if ptx and arch <= capability:
+            return True
+    return False
+
+
+# Oldest GPU the Triton kernels run on: their dot products take bf16 operands.
+TRITON_MIN_CAPABILITY = (8, 0)
 
 
 def _cuda_status(device: torch.device, op: str | None) -> str | None:
@@ -133,6 +160,11 @@ def _cuda_status(device: torch.device, op: str | None) -> str | None:
 
     if not _extension.cuda_ops_loaded():
         return "the CUDA extension of mxd_fast is not built (install on a machine whose torch has CUDA)"
+    archs = _extension.cuda_arch_list()
+    capability = torch.cuda.get_device_capability(device)
+    if archs is not None and not archs_cover(archs, capability):
+        return (f"the CUDA extension was built for TORCH_CUDA_ARCH_LIST={archs!r}, which has no code for compute "
+                f"capability {capability[0]}.{capability[1]} of {device}; reinstall with that architecture in the list")
     if op is not None and not hasattr(torch.ops.mxd_fast_cuda, f"{op}_forward"):
         return f"the CUDA extension has no kernel for {op}"
     return None

@@ -84,3 +84,29 @@ def test_a_setting_holds_for_threads_without_their_own(monkeypatch):
         assert (B.get_backend(), B.deterministic()) == ("triton", False)
     _in_thread(lambda: look("after"))
     assert seen == {"inside": ("triton", False), "own": ("torch", True), "after": ("auto", True)}
+
+
+@pytest.mark.parametrize("archs,capability,covered", [
+    ("8.0;9.0a", (8, 0), True), ("8.0;9.0a", (8, 6), True), ("8.0;9.0a", (8, 9), True),
+    ("8.0;9.0a", (9, 0), True), ("8.0;9.0a", (7, 5), False), ("8.0;9.0a", (10, 0), False),
+    ("8.0;9.0a", (12, 0), False), ("9.0a", (9, 0), True), ("8.6", (8, 0), False),
+    ("7.5 8.0+PTX", (12, 0), True), ("7.5,8.0", (8, 9), True), ("9.0", (9, 0), True),
+])
+def test_archs_cover(archs, capability, covered):
+    assert B.archs_cover(archs, capability) is covered
+
+
+def test_backends_without_code_for_the_gpu_say_so(monkeypatch):
+    from mxd_fast import _extension
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert "compute capability 8.0 or newer" in B.unavailable_reason("triton", gpu)
+    monkeypatch.setattr(_extension, "cuda_ops_loaded", lambda: True)
+    monkeypatch.setattr(_extension, "cuda_arch_list", lambda: "8.0;9.0a")
+    assert "TORCH_CUDA_ARCH_LIST='8.0;9.0a'" in B.unavailable_reason("cuda", gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    assert B.unavailable_reason("cuda", gpu) is None and B.unavailable_reason("triton", gpu) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    assert "no code for compute capability 10.0" in B.unavailable_reason("cuda", gpu)
+    assert B.resolve("gather_combine", gpu) != "cuda"     # auto moves on to the next backend
