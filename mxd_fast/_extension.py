@@ -23,6 +23,7 @@ def cuda_load_error() -> str | None:
     return _load("_C_cuda")
 
 
+@functools.lru_cache(maxsize=None)
 def cuda_arch_list() -> str | None:
     """TORCH_CUDA_ARCH_LIST of the build of mxd_fast._C_cuda, when setup.py recorded it."""
     try:
