@@ -121,8 +121,7 @@ def _triton_status(device: torch.device, op: str | None) -> str | None:
                     "before triton is imported")
     elif device.type != "cuda":
         return f"Triton kernels do not run on device type {device.type!r}"
-    elif torch.cuda.get_device_capability(device) < TRITON_MIN_CAPABILITY:
-        capability = torch.cuda.get_device_capability(device)
+    elif (capability := torch.cuda.get_device_capability(device)) < TRITON_MIN_CAPABILITY:
         return (f"the Triton kernels need compute capability {TRITON_MIN_CAPABILITY[0]}.{TRITON_MIN_CAPABILITY[1]} "
                 f"or newer, {device} has {capability[0]}.{capability[1]}")
     if op is not None and importlib.util.find_spec(f"mxd_fast.kernels.{op}") is None:

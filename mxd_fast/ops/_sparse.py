@@ -6,8 +6,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-# Rows of a temporary [rows, K, D] gather kept under this many elements (CPU; 4x that on a GPU, where
-# fewer, larger launches pay).
+# Rows of a temporary [rows, K, D] gather kept under this many elements (4x that for the row scatter
+# off the CPU, where fewer, larger launches pay).
 _GATHER_BUDGET = 1 << 22
 
 
