@@ -4,8 +4,8 @@
 # 1. versions and device; the CUDA extension (a prebuilt mxd_fast/_C_cuda*.so is used when it imports,
 #    else it is built); 2. the test suite on the GPU (every backend, outputs poisoned), then the GPU-only
 #    scale tests (paper shapes in bf16, offsets past 2^31); 3. the benchmarks the kernels are held to
-#    (paper shapes, bf16, side by side); 4. with the time left, Triton autotuning at one shape, more
-#    shapes, and the K and N sweeps with their plot.
+#    (paper shapes, bf16, side by side); 4. with the time left, the paper's smaller shapes, the Triton
+#    decode's epilogue variants, Triton autotuning, more shapes, and the K and N sweeps with their plot.
 # Every stage gets a share of the time left and is cut off at it. Logs and results go to $WORK (default
 # /tmp/gpu-work) and are packed into $OUT/gpu-results.tar.gz; the whole log is $OUT/session.log.
 set -uo pipefail
@@ -79,9 +79,20 @@ stage "more benchmarks"
 bench 60 3 pythia-1.4b:K=128
 bench 60 4 llama-3.2-3b:T=8192,K=128
 
-stage "Triton autotuning at pythia-1.4b, K = 32 (default vs tuned configuration)"
-run 90 tune.log env MXD_FAST_AUTOTUNE=1 TRITON_PRINT_AUTOTUNING=1 $PY -m bench --device cuda --dtype bf16 \
-    --shapes pythia-1.4b --ops topk_gate,mxd_decode --modes fwd --providers triton --no-plot --out "$WORK/bench-tuned"
+stage "the paper's two smaller shapes (GPT-2, Pythia-410M)"
+bench 80 7 gpt2,pythia-410m
+
+stage "Triton mxd_decode epilogue variants, autotuned, beside the GEMM alone and cuda (pythia-1.4b, K = 32, 128)"
+for source in gather interleaved precomputed; do
+    run 50 epilogue.log env MXD_FAST_AUTOTUNE=1 MXD_FAST_TRITON_DECODE_EPILOGUE=$source TRITON_PRINT_AUTOTUNING=1 \
+        $PY -m bench --device cuda --dtype bf16 --shapes pythia-1.4b,pythia-1.4b:K=128 --ops mxd_decode --modes fwd \
+        --providers gemm,triton,cuda --no-plot --out "$WORK/bench-epilogue-$source"
+done
+
+stage "Triton autotuning at pythia-1.4b, K = 32 and 128 (default vs tuned configuration)"
+run 120 tune.log env MXD_FAST_AUTOTUNE=1 TRITON_PRINT_AUTOTUNING=1 $PY -m bench --device cuda --dtype bf16 \
+    --shapes pythia-1.4b,pythia-1.4b:K=128 --ops topk_gate,mxd_decode --modes fwd --providers gemm+topk,gemm,triton \
+    --no-plot --out "$WORK/bench-tuned"
 
 stage "benchmarks, as time allows"
 bench 60 5 pythia-1.4b:T=8192

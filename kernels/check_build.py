@@ -180,7 +180,7 @@ def _cases(quick: bool):
                     finally:
                         torch.backends.cuda.matmul.allow_tf32 = old
                 return run
-            for source in ("gather", "precomputed"):
+            for source in ("gather", "interleaved", "precomputed"):
                 def with_source(fn, source=source):
                     def run():
                         old = md.EPILOGUE_SOURCE

@@ -18,6 +18,8 @@ SPLIT_GEMM). fp64 runs the torch backend.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -30,6 +32,19 @@ from ._device import autotune_enabled, compiled
 from .gather_combine import embedding_bag, gathered_dot, scatter_rows
 
 __all__ = ["mxd_decode_forward", "mxd_decode_backward"]
+
+
+@triton.jit
+def _gather_slice(i_ptrs, v_ptrs, e_cols, j, mm, mn, K, N, s_ik, s_vk, s_en):
+    """Expert j of each row of the tile: its [BLOCK_M, BLOCK_N] slice of `experts` (raw dtype; 0 where
+    the row, j or the index is out of range) and its fp32 value."""
+    mj = mm & ((mm.to(tl.int32) * 0 + j) < K)   # a tensor comparison (the interpreter needs one)
+    n = tl.load(i_ptrs + j * s_ik, mask=mj, other=-1)
+    v = tl.load(v_ptrs + j * s_vk, mask=mj, other=0).to(tl.float32)
+    ok = mj & (n >= 0) & (n < N)
+    n = tl.where(ok, n, 0).to(tl.int64)
+    e = tl.load(e_cols[None, :] + n[:, None] * s_en, mask=ok[:, None] & mn[None, :], other=0.0)
+    return e, v
 
 
 @triton.jit
@@ -64,12 +79,25 @@ def _mxd_decode_kernel(z_ptr, dec_ptr, exp_ptr, val_ptr, idx_ptr, ct_ptr, bias_p
     row0_64 = row0.to(tl.int64)
     col0_64 = col0.to(tl.int64)
 
+    i_ptrs = idx_ptr + row0_64 * s_ib + lm * s_ib
+    v_ptrs = val_ptr + row0_64 * s_vb + lm * s_vb
+    e_cols = exp_ptr + col0_64 * s_eo + ln * s_eo
+
     # ---- z @ decoder -----------------------------------------------------------------
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     z_ptrs = z_ptr + row0_64 * s_zb + (lm[:, None] * s_zb + rh[None, :] * s_zh)
     d_ptrs = dec_ptr + col0_64 * s_do + (rh[:, None] * s_dh + ln[None, :] * s_do)
-    for h0 in range(0, H, BLOCK_H):
-        mh = (h0 + rh) < H
+    n_h = tl.cdiv(H, BLOCK_H)
+    if C_SOURCE == 3:
+        # interleaved: one gathered expert slice every `every` GEMM steps, loaded one gather ahead of
+        # its use, so that its memory latency overlaps the tensor-core work; the rest in the epilogue
+        in_loop = tl.minimum(K, n_h)
+        every = n_h // tl.maximum(in_loop, 1)
+        c = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        e_next = tl.zeros([BLOCK_M, BLOCK_N], dtype=exp_ptr.dtype.element_ty)
+        v_next = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for t in range(0, n_h):
+        mh = (t * BLOCK_H + rh) < H
         a = tl.load(z_ptrs, mask=mm[:, None] & mh[None, :], other=0.0)
         b = tl.load(d_ptrs, mask=mh[:, None] & mn[None, :], other=0.0)
         if DOT_FP32:  # the interpreter multiplies the raw bits of bf16 operands: upcast (exact)
@@ -78,25 +106,24 @@ def _mxd_decode_kernel(z_ptr, dec_ptr, exp_ptr, val_ptr, idx_ptr, ct_ptr, bias_p
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         z_ptrs += BLOCK_H * s_zh
         d_ptrs += BLOCK_H * s_dh
+        if C_SOURCE == 3:
+            if (t % every == 0) & (t // every < in_loop):
+                c += v_next[:, None] * e_next.to(tl.float32)
+                e_next, v_next = _gather_slice(i_ptrs, v_ptrs, e_cols, t // every, mm, mn, K, N, s_ik, s_vk, s_en)
 
     # ---- epilogue: the expert mixture c~ = a C for this tile --------------------------------
+    if C_SOURCE == 3:
+        c += v_next[:, None] * e_next.to(tl.float32)
+        for j in range(in_loop, K):
+            e, v = _gather_slice(i_ptrs, v_ptrs, e_cols, j, mm, mn, K, N, s_ik, s_vk, s_en)
+            c += v[:, None] * e.to(tl.float32)
     if C_SOURCE == 1:
         # gathered here: K row slices of `experts`, UNROLL of them issued before they are summed
         c = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        i_ptrs = idx_ptr + row0_64 * s_ib + lm * s_ib
-        v_ptrs = val_ptr + row0_64 * s_vb + lm * s_vb
-        e_cols = exp_ptr + col0_64 * s_eo + ln * s_eo
         for j0 in range(0, K, UNROLL):
             for u in tl.static_range(UNROLL):
-                j = j0 + u
-                mj = mm & ((lm * 0 + j) < K)
-                n = tl.load(i_ptrs + j * s_ik, mask=mj, other=-1)
-                v = tl.load(v_ptrs + j * s_vk, mask=mj, other=0).to(tl.float32)
-                ok = mj & (n >= 0) & (n < N)
-                n = tl.where(ok, n, 0).to(tl.int64)
-                e = tl.load(e_cols[None, :] + n[:, None] * s_en, mask=ok[:, None] & mn[None, :],
-                            other=0.0).to(tl.float32)
-                c += v[:, None] * e
+                e, v = _gather_slice(i_ptrs, v_ptrs, e_cols, j0 + u, mm, mn, K, N, s_ik, s_vk, s_en)
+                c += v[:, None] * e.to(tl.float32)
     elif C_SOURCE == 2:
         # precomputed by an embedding bag
         c = tl.load(ct_ptr + row0_64 * s_tb + col0_64 * s_to + (lm[:, None] * s_tb + ln[None, :] * s_to),
@@ -135,9 +162,20 @@ _CUDA_CONFIGS = [
     _config(64, 64, 32, 4, 5, 2),
 ]
 
-_mxd_decode_tuned = triton.autotune(configs=_CUDA_CONFIGS,
-                                    key=["B_BUCKET", "H", "O", "K", "C_SOURCE", "WRITE_Y", "WRITE_GH", "WRITE_GC"],
-                                    )(_mxd_decode_kernel)
+# The interleaved gather keeps c~ and the next expert slice in registers during the GEMM loop: at 128 x 128
+# per 8 warps it spills; these do not (sm_90 compile).
+_INTERLEAVED_CONFIGS = [
+    _config(128, 64, 64, 8, 3, 1),
+    _config(128, 64, 64, 8, 4, 1),
+    _config(64, 128, 64, 8, 4, 1),
+    _config(256, 64, 64, 8, 3, 1),
+    _config(128, 64, 64, 4, 4, 1),
+    _config(64, 64, 64, 4, 4, 1),
+]
+
+_TUNE_KEY = ["B_BUCKET", "H", "O", "K", "C_SOURCE", "WRITE_Y", "WRITE_GH", "WRITE_GC"]
+_mxd_decode_tuned = triton.autotune(configs=_CUDA_CONFIGS, key=_TUNE_KEY)(_mxd_decode_kernel)
+_mxd_decode_tuned_interleaved = triton.autotune(configs=_INTERLEAVED_CONFIGS, key=_TUNE_KEY)(_mxd_decode_kernel)
 
 _INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_H=16, GROUP_M=2, UNROLL=2, num_warps=1)
 
@@ -156,9 +194,21 @@ def _precision(dtype: torch.dtype) -> str:
 SPLIT_GEMM = "auto"
 
 # Where the fused kernel's epilogue takes c~ = a C from. "gather": gathered inside the epilogue (c~
-# never reaches global memory). "precomputed": an embedding-bag pass writes c~ [B, O] first (many
-# small programs hide the gather latency better) and the epilogue reads it as a plain tile.
-EPILOGUE_SOURCE = "gather"
+# never reaches global memory). "interleaved": gathered during the GEMM loop, one expert slice every
+# few steps, each loaded a gather ahead of its use (the loads overlap the tensor-core work).
+# "precomputed": an embedding-bag pass writes c~ [B, O] first (many small programs hide the gather
+# latency better) and the epilogue reads it as a plain tile. None: the environment variable
+# MXD_FAST_TRITON_DECODE_EPILOGUE, else "gather".
+EPILOGUE_SOURCE = None
+_C_SOURCE = {"gather": 1, "precomputed": 2, "interleaved": 3}
+
+
+def epilogue_source() -> str:
+    source = EPILOGUE_SOURCE or os.environ.get("MXD_FAST_TRITON_DECODE_EPILOGUE") or "gather"
+    if source not in _C_SOURCE:
+        raise ValueError(f"environment variable MXD_FAST_TRITON_DECODE_EPILOGUE must be one of "
+                         f"{sorted(_C_SOURCE)}, got {source!r}")
+    return source
 
 
 def _split_gemm(z: Tensor) -> bool:
@@ -168,8 +218,8 @@ def _split_gemm(z: Tensor) -> bool:
 
 
 _INT32_MAX = 2 ** 31 - 1
-_TILE = (max(c.kwargs["BLOCK_M"] for c in _CUDA_CONFIGS), max(c.kwargs["BLOCK_N"] for c in _CUDA_CONFIGS),
-         max(c.kwargs["BLOCK_H"] for c in _CUDA_CONFIGS))
+_TILE = tuple(max(c.kwargs[name] for c in _CUDA_CONFIGS + _INTERLEAVED_CONFIGS)
+              for name in ("BLOCK_M", "BLOCK_N", "BLOCK_H"))
 
 
 def _span(t: Tensor, rows: int, cols: int) -> int:
@@ -218,11 +268,15 @@ def _launch(z, decoder, experts, values, indices, *, c_source, c_tilde=None, bia
     def grid(meta):
         return (triton.cdiv(B, meta["BLOCK_M"]) * triton.cdiv(O, meta["BLOCK_N"]),)
 
+    interleaved = c_source == _C_SOURCE["interleaved"]
     if compiled(z) and autotune_enabled():
-        _mxd_decode_tuned[grid](*args, **flags)
+        (_mxd_decode_tuned_interleaved if interleaved else _mxd_decode_tuned)[grid](*args, **flags)
     elif compiled(z):
         # without autotuning: the widest tile; the fused backward (two outputs) spills there, so the smallest
-        c = _CUDA_CONFIGS[5] if gh is not None and gc is not None else _CUDA_CONFIGS[0]
+        if interleaved:
+            c = _INTERLEAVED_CONFIGS[0]
+        else:
+            c = _CUDA_CONFIGS[5] if gh is not None and gc is not None else _CUDA_CONFIGS[0]
         _mxd_decode_kernel[grid](*args, **flags, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     else:
         _mxd_decode_kernel[grid](*args, **flags, **_INTERPRETER_CONFIG)
@@ -244,11 +298,9 @@ def mxd_decode_forward(z: Tensor, decoder: Tensor, experts: Tensor, values: Tens
     if fitted is None:
         return _torch_impl.mxd_decode_torch_forward(z, decoder, experts, values, indices, bias)
     z, decoder, experts, values, indices = fitted
-    if EPILOGUE_SOURCE == "precomputed":
-        c_tilde = embedding_bag(experts, values, indices)
-        _launch(z, decoder, experts, values, indices, c_source=2, c_tilde=c_tilde, bias=bias, y=y)
-    else:
-        _launch(z, decoder, experts, values, indices, c_source=1, bias=bias, y=y)
+    source = epilogue_source()
+    c_tilde = embedding_bag(experts, values, indices) if source == "precomputed" else None
+    _launch(z, decoder, experts, values, indices, c_source=_C_SOURCE[source], c_tilde=c_tilde, bias=bias, y=y)
     return y
 
 
@@ -274,7 +326,8 @@ def mxd_decode_backward(grad_y: Tensor, z: Tensor, decoder: Tensor, experts: Ten
                                                          deterministic)
         z, decoder, experts, values, indices, grad_y = fitted
     if B > 0 and O > 0:
-        fuse_h = need_h and need_c and not _split_gemm(z) and EPILOGUE_SOURCE == "gather"
+        source = epilogue_source()
+        fuse_h = need_h and need_c and not _split_gemm(z) and source != "precomputed"
         if need_h and not fuse_h:
             grad_h = embedding_bag(experts, values, indices, scale=grad_y)        # grad_y * c~
         if need_c and _split_gemm(z):
@@ -282,8 +335,8 @@ def mxd_decode_backward(grad_y: Tensor, z: Tensor, decoder: Tensor, experts: Ten
         elif need_c:
             grad_c = new_empty((B, O), dtype, device)
             grad_h = new_empty((B, O), dtype, device) if fuse_h else grad_h
-            _launch(z, decoder, experts, values, indices, c_source=1 if fuse_h else 0, grad=grad_y,
-                    gh=grad_h if fuse_h else None, gc=grad_c)
+            _launch(z, decoder, experts, values, indices, c_source=_C_SOURCE[source] if fuse_h else 0,
+                    grad=grad_y, gh=grad_h if fuse_h else None, gc=grad_c)
     if need_h and grad_h is None:
         grad_h = new_empty((B, O), dtype, device).zero_()
     if need_c and grad_c is None:

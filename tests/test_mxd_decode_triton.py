@@ -184,6 +184,27 @@ def test_mxd_decode_precomputed_epilogue_path(dev, monkeypatch):
     run_case(make_inputs((13,), 17, 21, 6, 6, torch.float32, dev, seed=43, has_bias=False), torch.float32)
 
 
+@pytest.mark.parametrize("H,K", [(100, 3), (100, 1), (19, 3), (40, 3), (40, 6)])
+def test_mxd_decode_interleaved_epilogue_path(dev, monkeypatch, H, K):
+    """The variant that gathers c~ during the GEMM loop: fewer experts than GEMM steps (one gather every
+    few steps), as many, and more (the rest gathered in the epilogue)."""
+    monkeypatch.setattr(mdk, "EPILOGUE_SOURCE", "interleaved")
+    run_case(make_inputs((2, 9), H, 29, 8, K, torch.bfloat16, dev, seed=53 + K), torch.bfloat16, grad_kind="strided")
+    run_case(make_inputs((13,), H, 21, 6, K, torch.float32, dev, seed=59 + H, has_bias=False), torch.float32)
+
+
+def test_mxd_decode_epilogue_from_environment(dev, monkeypatch):
+    """MXD_FAST_TRITON_DECODE_EPILOGUE picks the variant; an unknown name is an error naming the variable."""
+    monkeypatch.setenv("MXD_FAST_TRITON_DECODE_EPILOGUE", "interleaved")
+    assert mdk.epilogue_source() == "interleaved"
+    run_case(make_inputs((7,), 40, 21, 6, 3, torch.float32, dev, seed=61), torch.float32)
+    monkeypatch.setenv("MXD_FAST_TRITON_DECODE_EPILOGUE", "fused")
+    z, decoder, experts, values, indices, bias = make_inputs((7,), 40, 21, 6, 3, torch.float32, dev, seed=61)
+    with pytest.raises(ValueError, match="MXD_FAST_TRITON_DECODE_EPILOGUE"):
+        with mxd_fast.use_backend("triton"):
+            mxd_fast.mxd_decode(z, decoder, experts, values, indices, bias)
+
+
 @pytest.mark.parametrize("limit", [4000, 10])
 def test_mxd_decode_offset_guard(dev, monkeypatch, limit):
     """Strided views whose in-tile offsets would overflow 32 bits are made contiguous (limit 4000
