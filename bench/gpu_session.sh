@@ -5,7 +5,8 @@
 #    else it is built); 2. the test suite on the GPU (every backend, outputs poisoned), then the GPU-only
 #    scale tests (paper shapes in bf16, offsets past 2^31); 3. the benchmarks the kernels are held to
 #    (paper shapes, bf16, side by side); 4. with the time left, the paper's smaller shapes, the Triton
-#    decode's epilogue variants, Triton autotuning, more shapes, and the K and N sweeps with their plot.
+#    decode's epilogue variants, the Triton gate's configurations and splits, Triton autotuning, more
+#    shapes, and the K and N sweeps with their plot.
 # Every stage gets a share of the time left and is cut off at it. Logs and results go to $WORK (default
 # /tmp/gpu-work) and are packed into $OUT/gpu-results.tar.gz; the whole log is $OUT/session.log.
 set -uo pipefail
@@ -88,6 +89,10 @@ for source in gather interleaved precomputed; do
         $PY -m bench --device cuda --dtype bf16 --shapes pythia-1.4b,pythia-1.4b:K=128 --ops mxd_decode --modes fwd \
         --providers gemm,triton,cuda --no-plot --out "$WORK/bench-epilogue-$source"
 done
+
+stage "Triton gate: every configuration at splits over N 1-6, beside addmm+relu+topk (bench/tune_gate.py)"
+run 150 tune-gate.log $PY -m bench.tune_gate --shapes pythia-1.4b,pythia-1.4b:K=128,llama-3.2-3b \
+    --splits 1,2,3,4,6 --out "$WORK/tune-gate.json"
 
 stage "Triton autotuning at pythia-1.4b, K = 32 and 128 (default vs tuned configuration)"
 run 120 tune.log env MXD_FAST_AUTOTUNE=1 TRITON_PRINT_AUTOTUNING=1 $PY -m bench --device cuda --dtype bf16 \

@@ -295,3 +295,21 @@ def test_profile_cli(capsys):
     assert "gather_combine fwd+bwd [torch]" in out and "embedding_bag" in out
     with pytest.raises(SystemExit):
         profile.main(["--op", "topk_gate", "--provider", "gemm", "--device", "cpu"])
+
+
+def test_tune_gate_candidates_and_arguments(monkeypatch):
+    pytest.importorskip("triton")
+    from bench import tune_gate
+
+    x = torch.zeros(4, 8, dtype=torch.bfloat16)
+    small, large = tune_gate.candidates(32, x), tune_gate.candidates(128, x)
+    assert any(c["FULL_MERGE"] for c in small) and not any(c.get("BUFFER") for c in small)
+    assert any(c.get("BUFFER") for c in large) and not any(c["FULL_MERGE"] for c in large)
+    assert "buffer" in tune_gate.label(next(c for c in large if c.get("BUFFER")))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(SystemExit):
+        tune_gate.main(["--device", "cpu"])      # no GPU and no interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for splits in ("0", "two"):
+        with pytest.raises(SystemExit):
+            tune_gate.main(["--device", "cpu", "--splits", splits])
