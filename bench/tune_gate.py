@@ -48,7 +48,7 @@ def candidates(k: int, x: torch.Tensor) -> list[dict]:
 
 def label(config: dict) -> str:
     c = config
-    extra = " full-merge" if c.get("FULL_MERGE") else f" buffer {c['BUFFER']}" if c.get("BUFFER") else ""
+    extra = " full-merge" if c.get("FULL_MERGE") else ""
     return f"{c['BLOCK_B']}x{c['BLOCK_N']}x{c['BLOCK_I']} w{c['num_warps']} s{c['num_stages']}{extra}"
 
 

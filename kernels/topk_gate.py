@@ -30,12 +30,7 @@ largest key: the threshold. Per tile:
   3. with FULL_MERGE (a configuration option, for small k: it needs the tile as int64 keys in
      registers) a tile with more than FULL_MERGE_AT candidates (the first tiles of a chunk) is
      merged at once: tl.topk of the tile's candidates (sorted), the running set sorted, and their
-     element-wise maximum after flipping one of them is the top-K_PAD of the union;
-  4. with BUFFER (a configuration option, for large k, where the rounds dominate) a tile in which
-     some row has more than APPEND_AT candidates takes no rounds: every row appends its candidates to
-     a buffer of BUFFER keys in global scratch (slots from a prefix sum), and a full buffer is merged
-     into the running set with one bitonic merge (tl.topk of the buffer, then as in 3), which also
-     raises the threshold. The buffer is merged once more at the end.
+     element-wise maximum after flipping one of them is the top-K_PAD of the union.
 At the end the set is sorted. With one chunk (SPLIT = 1) the program writes values and indices;
 otherwise it writes its sorted keys to a [SPLIT, B, K_PAD] workspace and a second, small kernel
 merges the SPLIT sorted lists of every row (max with the flipped list, then a bitonic merge).
@@ -111,17 +106,15 @@ def _tile_bits(x_ptr, w_ptr, b_ptr, rows64, row_ok, n0, N, I,
 
 @triton.jit
 def _topk_gate_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, val_ptr, idx_ptr, ws_ptr, buf_ptr,
+    x_ptr, w_ptr, b_ptr, val_ptr, idx_ptr, ws_ptr,
     B, N, I, SPLIT,
     stride_xb, stride_xi, stride_wn, stride_wi, stride_bn,
     B_BUCKET,  # autotuning key only
     K: tl.constexpr, K_PAD: tl.constexpr, FULL_MERGE_AT: tl.constexpr, HAS_BIAS: tl.constexpr,
     TO_WORKSPACE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, FULL_MERGE: tl.constexpr,
-    BUFFER: tl.constexpr = 0, APPEND_AT: tl.constexpr = 4,
 ):
     tl.static_assert(K_PAD <= BLOCK_N or not FULL_MERGE, "the full merge needs BLOCK_N >= K_PAD")
-    tl.static_assert(BUFFER == 0 or (BUFFER >= BLOCK_N and BUFFER >= K_PAD), "the buffer holds a tile, and k")
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -140,10 +133,6 @@ def _topk_gate_fwd_kernel(
 
     low = tl.min(run, axis=1)  # the k-th largest key of each row
     thr = (low >> 32).to(tl.int32)  # ... and its value bits
-    if BUFFER > 0:
-        # per row: BUFFER int64 key slots in global scratch (this program's rows of chunk pid_s), `fill` used
-        buf_rows = buf_ptr + (pid_s.to(tl.int64) * B + rows64) * BUFFER
-        fill = tl.zeros([BLOCK_B], dtype=tl.int32)
     for t in range(t_begin, t_end):
         bits, cols = _tile_bits(x_ptr, w_ptr, b_ptr, rows64, row_ok, t * BLOCK_N, N, I,
                                 stride_xb, stride_xi, stride_wn, stride_wi, stride_bn,
@@ -153,22 +142,7 @@ def _topk_gate_fwd_kernel(
         bits = tl.where(bits > thr[:, None], bits, -1)
         count = tl.max(tl.sum((bits >= 0).to(tl.int32), axis=1), axis=0)
         if count > 0:
-            if BUFFER > 0 and count > APPEND_AT:
-                # Append every row's candidates to its buffer (their slots from a running count); a full
-                # buffer is first merged into the running set, which raises the threshold.
-                n_row = tl.sum((bits >= 0).to(tl.int32), axis=1)
-                if tl.max(fill + n_row, axis=0) > BUFFER:
-                    run = _merge_buffer(buf_rows, fill, run, row_ok, BUFFER, K_PAD)
-                    fill = tl.zeros([BLOCK_B], dtype=tl.int32)
-                    low = tl.min(run, axis=1)
-                    thr = (low >> 32).to(tl.int32)
-                    bits = tl.where(bits > thr[:, None], bits, -1)
-                cand = bits >= 0
-                slot = fill[:, None] + tl.cumsum(cand.to(tl.int32), axis=1) - 1
-                key = (bits.to(tl.int64) << 32) | cols.to(tl.int64)[None, :]
-                tl.store(buf_rows[:, None] + slot, key, mask=cand & row_ok[:, None])
-                fill += tl.sum(cand.to(tl.int32), axis=1)
-            elif FULL_MERGE and count > FULL_MERGE_AT:
+            if FULL_MERGE and count > FULL_MERGE_AT:
                 key = (bits.to(tl.int64) << 32) | cols.to(tl.int64)[None, :]
                 top = tl.topk(tl.where(bits >= 0, key, _KEY_MIN), K_PAD)
                 run = tl.maximum(tl.sort(run, descending=True), tl.flip(top, 1))
@@ -187,9 +161,6 @@ def _topk_gate_fwd_kernel(
                     bits = tl.where(cols[None, :] == best_col[:, None], -1, bits)
             thr = (low >> 32).to(tl.int32)
 
-    if BUFFER > 0:
-        if tl.max(fill, axis=0) > 0:
-            run = _merge_buffer(buf_rows, fill, run, row_ok, BUFFER, K_PAD)
     run = tl.where(run == _KEY_MAX, _KEY_MIN, run)
     run = tl.sort(run, descending=True)
     if TO_WORKSPACE:
@@ -197,19 +168,6 @@ def _topk_gate_fwd_kernel(
         tl.store(ws, run, mask=row_ok[:, None])
     else:
         _store_keys(val_ptr, idx_ptr, run, rows64, row_ok, slots, K)
-
-
-@triton.jit
-def _merge_buffer(buf_rows, fill, run, row_ok, BUFFER: tl.constexpr, K_PAD: tl.constexpr):
-    """The running set with each row's `fill` buffered keys merged in: the top K_PAD of the buffer
-    (sorted), and the element-wise maximum of the sorted set with it flipped is the top K_PAD of the union."""
-    tl.debug_barrier()  # the buffer was written by other threads of the program
-    slots = tl.arange(0, BUFFER)
-    keys = tl.load(buf_rows[:, None] + slots[None, :], mask=row_ok[:, None] & (slots[None, :] < fill[:, None]),
-                   other=_KEY_MIN)
-    tl.debug_barrier()  # read before the slots are written again
-    top = tl.topk(keys, K_PAD)
-    return tl.maximum(tl.sort(run, descending=True), tl.flip(top, 1))
 
 
 @triton.jit
@@ -256,21 +214,9 @@ _CUDA_CONFIGS = [
 ]
 
 
-# (BLOCK_B, BLOCK_N, BLOCK_I, num_warps, num_stages, BUFFER): configurations whose tiles with many
-# candidates (more than APPEND_AT in a row) are appended to a per-row buffer of BUFFER keys in global
-# scratch, merged into the running set only when full (one bitonic merge per BUFFER candidates instead
-# of one round per candidate); for large k, where rounds dominate.
-_BUFFERED_CONFIGS = [
-    (64, 128, 64, 8, 3, 128), (64, 128, 64, 8, 3, 256), (128, 128, 64, 8, 3, 128), (64, 64, 64, 4, 4, 128),
-]
-MAX_BUFFER = max(c[-1] for c in _BUFFERED_CONFIGS)
-
-
 def _cuda_configs():
-    return ([triton.Config(dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_I=bi, FULL_MERGE=fm), num_warps=w, num_stages=st)
-             for bb, bn, bi, w, st, fm in _CUDA_CONFIGS]
-            + [triton.Config(dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_I=bi, FULL_MERGE=False, BUFFER=buf), num_warps=w,
-                             num_stages=st) for bb, bn, bi, w, st, buf in _BUFFERED_CONFIGS])
+    return [triton.Config(dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_I=bi, FULL_MERGE=fm), num_warps=w, num_stages=st)
+            for bb, bn, bi, w, st, fm in _CUDA_CONFIGS]
 
 
 def _fits(cfg: dict, k_pad: int, num_warps: int, num_stages: int = 1, elem_bytes: int = 2,
@@ -278,14 +224,12 @@ def _fits(cfg: dict, k_pad: int, num_warps: int, num_stages: int = 1, elem_bytes
     """Whether a configuration keeps its registers in budget (checked against ptxas for sm_90:
     beyond these bounds the kernel spills) and, given the GPU's limit, its pipelined x and weight
     tiles in shared memory."""
-    bb, bn, buffer = cfg["BLOCK_B"], cfg["BLOCK_N"], cfg.get("BUFFER", 0)
+    bb, bn = cfg["BLOCK_B"], cfg["BLOCK_N"]
     if shared_memory is not None and num_stages * (bb + bn) * cfg["BLOCK_I"] * elem_bytes > shared_memory:
         return False
     # int64 running set: 2 * BLOCK_B * K_PAD / threads registers per thread; keep it under 64.
     if 2 * bb * k_pad > 64 * 32 * num_warps:
         return False
-    if buffer:   # the merge holds the buffer as int64 keys next to the running set; small k has few rounds
-        return k_pad >= 64 and buffer >= max(bn, k_pad) and 2 * bb * buffer <= 64 * 32 * num_warps
     if cfg["FULL_MERGE"]:
         return bn >= k_pad and k_pad * bb * bn <= 65536 * num_warps
     return True
@@ -299,10 +243,15 @@ def _prune(configs, named_args, **kwargs):
 
 
 def _default_config(k_pad: int, dtype: torch.dtype) -> triton.Config:
-    """The configuration used without autotuning (MXD_FAST_AUTOTUNE=0); it fits in registers."""
-    bb = 64 if k_pad <= 64 else 32 if k_pad <= 128 else 16
+    """The configuration used without autotuning (MXD_FAST_AUTOTUNE=0); it fits in registers. On sm_90 Triton
+    uses the Hopper tensor-core instructions (wgmma) only from 64 rows per program: k = 128 takes 64 rows on 8
+    warps (197 registers at bf16, no spills) rather than 32 rows on 4 (mma.sync)."""
+    bb = 64 if k_pad <= 128 else 16
     if dtype == torch.float32:
-        return triton.Config(dict(BLOCK_B=bb, BLOCK_N=128, BLOCK_I=32, FULL_MERGE=False), num_warps=8, num_stages=3)
+        return triton.Config(dict(BLOCK_B=32 if k_pad == 128 else bb, BLOCK_N=128, BLOCK_I=32, FULL_MERGE=False),
+                             num_warps=8, num_stages=3)
+    if k_pad == 128:
+        return triton.Config(dict(BLOCK_B=64, BLOCK_N=128, BLOCK_I=64, FULL_MERGE=False), num_warps=8, num_stages=3)
     return triton.Config(dict(BLOCK_B=bb, BLOCK_N=128, BLOCK_I=64, FULL_MERGE=False),
                          num_warps=4, num_stages=4 if bb > 16 else 3)
 
@@ -370,33 +319,26 @@ def _forward(x, weight, bias, k, split=None, config=None):
     split = max(1, min(split, N))
     to_ws = split > 1
     ws = torch.empty((split, B, k_pad) if to_ws else (1,), dtype=torch.int64, device=device)
-    tuned = config is None and compiled(x) and autotune_enabled()
-    if not tuned:
+    has_bias = bias is not None
+    b_arg = bias if has_bias else x
+    b_stride = bias.stride(0) if has_bias else 0
+    args = (x, weight, b_arg, values, indices, ws, B, N, I, split,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), b_stride,
+            min(_next_pow2(B), 4096))
+    meta = dict(K=k, K_PAD=k_pad, FULL_MERGE_AT=_full_merge_at(k_pad), HAS_BIAS=has_bias, TO_WORKSPACE=to_ws,
+                DOT_PRECISION=_dot_precision(x.dtype), DOT_UPCAST=not compiled(x))
+    if config is None and compiled(x) and autotune_enabled():
+        grid = lambda m: (triton.cdiv(B, m["BLOCK_B"]), split)  # noqa: E731
+        _tuned_fwd_kernel[grid](*args, **meta)
+    else:
         if config is None and compiled(x):
             c = _default_config(k_pad, x.dtype)
             config = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
         cfg = dict(_INTERPRETER_CONFIG, **(config or {}))
         if cfg["FULL_MERGE"]:
             cfg["BLOCK_N"] = max(cfg["BLOCK_N"], k_pad)
-        if cfg.get("BUFFER"):
-            cfg["BUFFER"] = max(cfg["BUFFER"], cfg["BLOCK_N"], k_pad)
         num_warps = cfg.pop("num_warps", 4)
         num_stages = cfg.pop("num_stages", 3)
-    # candidate buffers of the buffered configurations: [split, B, BUFFER] int64 scratch
-    buffer = (MAX_BUFFER if k_pad >= 64 else 0) if tuned else cfg.get("BUFFER", 0)
-    buf = torch.empty((split, B, buffer) if buffer else (1,), dtype=torch.int64, device=device)
-    has_bias = bias is not None
-    b_arg = bias if has_bias else x
-    b_stride = bias.stride(0) if has_bias else 0
-    args = (x, weight, b_arg, values, indices, ws, buf, B, N, I, split,
-            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), b_stride,
-            min(_next_pow2(B), 4096))
-    meta = dict(K=k, K_PAD=k_pad, FULL_MERGE_AT=_full_merge_at(k_pad), HAS_BIAS=has_bias, TO_WORKSPACE=to_ws,
-                DOT_PRECISION=_dot_precision(x.dtype), DOT_UPCAST=not compiled(x))
-    if tuned:
-        grid = lambda m: (triton.cdiv(B, m["BLOCK_B"]), split)  # noqa: E731
-        _tuned_fwd_kernel[grid](*args, **meta)
-    else:
         grid = (triton.cdiv(B, cfg["BLOCK_B"]), split)
         _topk_gate_fwd_kernel[grid](*args, **meta, **cfg, num_warps=num_warps, num_stages=num_stages)
     if to_ws:
