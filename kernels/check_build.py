@@ -65,6 +65,7 @@ class Compiled:
     registers: int = -1
     spill_bytes: int = 0
     stack: int = 0
+    mma: str = ""        # the tensor-core instruction of the PTX: wgmma (Hopper), mma.sync or none
     error: str = ""
 
     def fits(self) -> bool:
@@ -118,14 +119,16 @@ def compile_only(capability: int, records: list, all_autotune_configs: bool):
 
 
 def _ptxas_report(kernel, capability: int, rec: Compiled) -> None:
-    """Registers, spills and stack of the kernel's PTX, from the ptxas Triton uses, with its flags."""
+    """Registers, spills and stack of the kernel's PTX, from the ptxas Triton uses, with its flags; its MMA instruction."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
     arch = sm_arch_from_capability(capability)
+    ptx = kernel.asm["ptx"]
+    rec.mma = "wgmma" if "wgmma." in ptx else "mma.sync" if "mma.sync" in ptx else "none"
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
-            f.write(kernel.asm["ptx"])
+            f.write(ptx)
         out = subprocess.run([get_ptxas(capability).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
                               f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.o")],
                              capture_output=True, text=True, check=True)
@@ -250,7 +253,7 @@ def summary(records: list[Compiled]) -> str:
         state = "ERROR " + r.error if r.error else ("ok" if r.clean() else
                                                       "too much shared memory" if not r.fits() else "spills")
         lines.append(f"{r.kernel:32s} sm_{r.capability} {'tuned' if r.autotuned else 'fixed'} regs {r.registers:3d} "
-                     f"spill {r.spill_bytes:5d} B smem {r.shared:6d} B  {state}  [{r.config}]")
+                     f"spill {r.spill_bytes:5d} B smem {r.shared:6d} B {r.mma:8s} {state}  [{r.config}]")
     return "\n".join(sorted(lines))
 
 
