@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command that ends on its own before DEADLINE seconds:
-#   bash bench/gpu_session.sh [DEADLINE]
+#   bash bench/gpu_session.sh [DEADLINE] [STAGES]
+# STAGES (comma-separated; default all, in this order): tests, bench, scale, shapes, variants, tune, sweeps;
+# e.g. `bash bench/gpu_session.sh 500 variants,tune,sweeps` for what an earlier run had no time left for.
 # 1. versions and device; the CUDA extension (a prebuilt mxd_fast/_C_cuda*.so is used when it imports,
 #    else it is built); 2. the test suite on the GPU (every backend, outputs poisoned), then the GPU-only
 #    scale tests (paper shapes in bf16, offsets past 2^31); 3. the benchmarks the kernels are held to
@@ -14,6 +16,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 WORK=${WORK:-/tmp/gpu-work}
 DEADLINE=${1:-560}
+STAGES=${2:-all}
+want() { [[ $STAGES == all || ",$STAGES," == *",$1,"* ]]; }
 mkdir -p "$WORK"
 exec > >(tee "$OUT/session.log") 2>&1
 T0=$(date +%s)
@@ -60,36 +64,49 @@ COMMON=(-q -p no:cacheprovider)
 $PY -c "import pytest_timeout" 2>/dev/null && COMMON+=(--timeout 150)
 workers() { $PY -c "import xdist" 2>/dev/null && echo "-n $1"; }
 
+if want tests; then
 stage "tests on the GPU (all backends; trainer, distributed and build tests excluded)"
 run 150 tests.log $PY -m pytest "${COMMON[@]}" $(workers 12) tests --ignore=tests/test_gpu_scale.py \
     --ignore=tests/test_train.py --ignore=tests/test_distributed.py --ignore=tests/test_cuda_build.py -rfE
+fi
 
 bench() {   # bench LIMIT INDEX SHAPES: one shape's ops and training step, every provider, bf16
     run "$1" bench.log $PY -m bench --device cuda --dtype bf16 --shapes "$3" --ops topk_gate,mxd_decode,train \
         --modes fwd,fwd+bwd --no-plot --out "$WORK/bench-$2"
 }
 # (llama-3.2-3b is at N = 90088; bench/shapes.py says why)
+if want bench; then
 stage "benchmarks (bf16, paper shapes; ratios measured side by side)"
 bench 90 1 pythia-1.4b
 bench 70 2 llama-3.2-3b
+fi
 
+if want scale; then
 stage "GPU scale tests (paper shapes bf16, offsets past 2^31)"
 run 100 scale.log $PY -m pytest "${COMMON[@]}" $(workers 3) tests/test_gpu_scale.py -rfE
+fi
 
+if want bench; then
 stage "more benchmarks"
 bench 60 3 pythia-1.4b:K=128
 bench 60 4 llama-3.2-3b:T=8192,K=128
+fi
 
+if want shapes; then
 stage "the paper's two smaller shapes (GPT-2, Pythia-410M)"
 bench 80 7 gpt2,pythia-410m
+fi
 
+if want variants; then
 stage "Triton mxd_decode epilogue variants, autotuned, beside the GEMM alone and cuda (pythia-1.4b, K = 32, 128)"
 for source in gather interleaved precomputed; do
     run 50 epilogue.log env MXD_FAST_AUTOTUNE=1 MXD_FAST_TRITON_DECODE_EPILOGUE=$source TRITON_PRINT_AUTOTUNING=1 \
         $PY -m bench --device cuda --dtype bf16 --shapes pythia-1.4b,pythia-1.4b:K=128 --ops mxd_decode --modes fwd \
         --providers gemm,triton,cuda --no-plot --out "$WORK/bench-epilogue-$source"
 done
+fi
 
+if want tune; then
 stage "Triton gate: every configuration at splits over N 1-6, beside addmm+relu+topk (bench/tune_gate.py)"
 run 150 tune-gate.log $PY -m bench.tune_gate --shapes pythia-1.4b,pythia-1.4b:K=128,llama-3.2-3b \
     --splits 1,2,3,4,6 --out "$WORK/tune-gate.json"
@@ -98,14 +115,19 @@ stage "Triton autotuning at pythia-1.4b, K = 32 and 128 (default vs tuned config
 run 120 tune.log env MXD_FAST_AUTOTUNE=1 TRITON_PRINT_AUTOTUNING=1 $PY -m bench --device cuda --dtype bf16 \
     --shapes pythia-1.4b,pythia-1.4b:K=128 --ops topk_gate,mxd_decode --modes fwd --providers gemm+topk,gemm,triton \
     --no-plot --out "$WORK/bench-tuned"
+fi
 
+if want bench; then
 stage "benchmarks, as time allows"
 bench 60 5 pythia-1.4b:T=8192
 bench 60 6 llama-3.2-3b:K=128
+fi
 
+if want sweeps; then
 stage "sweeps over K and N around Pythia-1.4B, as time allows (results.json is written after every case)"
 run 300 sweeps.log $PY -m bench --device cuda --dtype bf16 --shapes sweep-k,sweep-n --ops topk_gate,mxd_decode \
     --modes fwd,fwd+bwd --out "$WORK/bench-sweeps"
+fi
 
 stage "pack"
 tar czf "$OUT/gpu-results.tar.gz" -C "$WORK" . && ls -la "$OUT"
