@@ -60,15 +60,18 @@ def tune(shape: S.Shape, dtype: torch.dtype, device: torch.device, splits: list[
     k = shape.K
     rows = []
 
-    baseline_values = None
+    def baseline(inp):
+        x, w, b = inp
+        return torch.topk(torch.addmm(b, x, w.T).relu_(), k, dim=1)
+
+    baseline_values = baseline(inputs[0])[0].float()
 
     def record(name, split, fn):
         try:
-            values = fn(inputs[0])[0].float()
-            if baseline_values is not None:   # a wrong selection is reported, not timed
-                err = (values - baseline_values).abs().max().item()
-                if err > 0.02 * (baseline_values.abs().max().item() + 1.0):
-                    raise AssertionError(f"values differ from torch.topk's by {err:.3g}")
+            values = fn(inputs[0])[0].float()   # a wrong selection is reported, not timed
+            err = (values - baseline_values).abs().max().item()
+            if err > 0.02 * (baseline_values.abs().max().item() + 1.0):
+                raise AssertionError(f"values differ from torch.topk's by {err:.3g}")
             t = T.time_calls(fn, inputs, device, cfg)
             row = {"shape": shape.name, "config": name, "split": split, "median_ms": t.median * 1e3,
                    "p20_ms": t.p20 * 1e3, "p80_ms": t.p80 * 1e3}
@@ -78,11 +81,6 @@ def tune(shape: S.Shape, dtype: torch.dtype, device: torch.device, splits: list[
         log(f"  {name:40s} split {str(split):5s} " + (f"{row['median_ms']:.3f} ms" if "median_ms" in row
                                                         else row["error"][:120]))
 
-    def baseline(inp):
-        x, w, b = inp
-        return torch.topk(torch.addmm(b, x, w.T).relu_(), k, dim=1)
-
-    baseline_values = baseline(inputs[0])[0].float()
     record("addmm+relu+topk", "-", baseline)
     auto = tg._choose_split(shape.T, shape.N, inputs[0][0])
     record("op", auto, lambda inp: tg.topk_gate_forward(*inp, k))

@@ -249,10 +249,9 @@ def _default_config(k_pad: int, dtype: torch.dtype) -> triton.Config:
     bb = 64 if k_pad <= 128 else 16
     if dtype == torch.float32:
         return triton.Config(dict(BLOCK_B=bb, BLOCK_N=128, BLOCK_I=32, FULL_MERGE=False), num_warps=8, num_stages=3)
-    if k_pad == 128:
-        return triton.Config(dict(BLOCK_B=64, BLOCK_N=128, BLOCK_I=64, FULL_MERGE=False), num_warps=8, num_stages=3)
+    warps = max(4, bb * k_pad // 1024)   # the running set's register bound in _fits
     return triton.Config(dict(BLOCK_B=bb, BLOCK_N=128, BLOCK_I=64, FULL_MERGE=False),
-                         num_warps=4, num_stages=4 if bb > 16 else 3)
+                         num_warps=warps, num_stages=4 if warps == 4 and bb > 16 else 3)
 
 
 _tuned_fwd_kernel = triton.autotune(
