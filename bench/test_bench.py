@@ -290,7 +290,7 @@ def test_profile_cli(capsys):
     from bench import profile
 
     assert profile.main(["--op", "gather_combine", "--provider", "torch", "--shape", "tiny", "--dtype", "fp32",
-                         "--device", "cpu", "--calls", "2", "--rows", "5"]) == 0
+                         "--device", "cpu", "--calls", "2", "--rows", "200"]) == 0
     out = capsys.readouterr().out
     assert "gather_combine fwd+bwd [torch]" in out and "embedding_bag" in out
     with pytest.raises(SystemExit):
