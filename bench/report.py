@@ -107,9 +107,17 @@ TARGETS = (
 )
 
 
+def _floor_time(row: dict):
+    """The least time the row's work can take on this device: its FLOPs at the matmul ceiling or its
+    compulsory bytes at the copy ceiling, whichever is longer (None without the fractions)."""
+    fracs = [row.get(f) for f in ("frac_matmul", "frac_copy") if row.get(f) is not None]
+    return max(fracs) * row["median"] if fracs and row.get("median") else None
+
+
 def targets(rows: list[dict]) -> str:
     """Per shape, the ratios the kernels are held to: each mxd_fast backend against its baseline,
-    plus, for the training step, the fraction of the matmul ceiling its sparse FLOPs reach."""
+    plus, for the training step, the fraction of the matmul ceiling its sparse FLOPs reach, and the best
+    ratio the device's ceilings allow (from the least floor time among the sparse providers)."""
     lines = []
     for op, mode, base, what, goal in TARGETS:
         shapes = list(dict.fromkeys(r["shape"] for r in rows if r["op"] == op and r["mode"] == mode))
@@ -117,7 +125,7 @@ def targets(rows: list[dict]) -> str:
             b = _median(rows, op, mode, shape, base)
             if b is None:
                 continue
-            parts = []
+            parts, floors = [], []
             for r in rows:
                 if (r["op"], r["mode"], r["shape"]) != (op, mode, shape) or r["provider"] not in ("torch", "triton",
                                                                                                "cuda"):
@@ -129,8 +137,15 @@ def targets(rows: list[dict]) -> str:
                 if op == "train" and r.get("frac_matmul") is not None:
                     part += f" ({100 * r['frac_matmul']:.0f}% of the matmul ceiling)"
                 parts.append(part)
+                floor = _floor_time(r)
+                if floor is not None:
+                    floors.append(floor)
             if parts:
-                lines.append(f"{op} {mode} {shape}: {what} (target {goal}): " + ", ".join(parts))
+                line = f"{op} {mode} {shape}: {what} (target {goal}): " + ", ".join(parts)
+                if floors:
+                    best = min(floors) / b if base == "gemm" else b / min(floors)
+                    line += f"; at the ceilings {best:.2f}"
+                lines.append(line)
     return "\n".join(lines)
 
 

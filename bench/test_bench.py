@@ -173,16 +173,20 @@ def test_cli_keeps_what_it_measured_when_cut_off(tmp_path, monkeypatch):
 
 
 def test_targets_summary():
-    def row(op, mode, provider, median, frac=None):
-        return {"op": op, "mode": mode, "shape": "s", "provider": provider, "median": median, "frac_matmul": frac}
+    def row(op, mode, provider, median, frac=None, copy=None):
+        return {"op": op, "mode": mode, "shape": "s", "provider": provider, "median": median, "frac_matmul": frac,
+                "frac_copy": copy}
     rows = [row("topk_gate", "fwd", "gemm+topk", 3.0), row("topk_gate", "fwd", "triton", 2.0),
-            row("mxd_decode", "fwd", "gemm", 1.0), row("mxd_decode", "fwd", "cuda", 1.5),
+            row("mxd_decode", "fwd", "gemm", 1.0), row("mxd_decode", "fwd", "cuda", 1.5, 0.5, 0.8),
+            row("mxd_decode", "fwd", "triton", 2.0, 0.3, 0.65),
             row("train", "fwd+bwd", "reference", 8.0), row("train", "fwd+bwd", "cuda", 2.0, 0.25)]
     text = report.targets(rows)
-    assert "topk_gate fwd s: speedup over addmm + relu + torch.topk (target >= 1.3): triton 1.50" in text
-    assert "mxd_decode fwd s: time / the z @ decoder GEMM alone (target <= 1.15): cuda 1.50" in text
+    assert "topk_gate fwd s: speedup over addmm + relu + torch.topk (target >= 1.3): triton 1.50\n" in text
+    # floors: cuda max(0.5, 0.8) * 1.5 = 1.2, triton 0.65 * 2 = 1.3; the least over the GEMM's 1.0
+    assert "mxd_decode fwd s: time / the z @ decoder GEMM alone (target <= 1.15): cuda 1.50, triton 2.00; " \
+           "at the ceilings 1.20" in text
     assert "train fwd+bwd s: speedup of forward + backward over the dense reference (target >= 4): cuda 4.00 " \
-           "(25% of the matmul ceiling)" in text
+           "(25% of the matmul ceiling); at the ceilings 16.00" in text
 
 
 def test_default_suites():
