@@ -313,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--checkpoint-every", type=int, default=0, help="write a checkpoint every N steps (0: at the end only)")
     a("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this many steps in total; "
       "--resume continues")
+    a("--time-limit", type=float, default=None, help="seconds of training after which the run ends early, at "
+      "the next logging window, and is saved and evaluated as trained so far (metrics.json: time_limited)")
     a("--log-every", type=int, default=None, help="steps per logging window")
     a("--dead-window", type=int, default=1_000_000, help="an expert is dead if it did not fire in this many "
       "tokens")
@@ -341,6 +343,8 @@ def _resolve(args) -> argparse.Namespace:
     for name in ("k", "tokens", "batch", "context", "buffer", "harvest_contexts"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise SystemExit(f"--time-limit must be > 0 seconds, got {args.time_limit}")
     return args
 
 
@@ -638,8 +642,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         f"warm-up {warmup} steps, {args.dtype}, {world} rank(s){f' ({args.parallel})' if world > 1 else ''}")
     bar = _progress(steps, step, rank == 0 and not args.quiet)
     log.bar = bar
+    time_up = False
     with use_backend(op_backend(args)):
-        while step < stop:
+        while step < stop and not time_up:
             x, y = buffer.next_batch(rank_batch)
             if args.normalize != "none":
                 x, y = x * x_scale, y * y_scale
@@ -678,6 +683,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                         f"l0 {rec['l0']:.1f} dead {rec['dead_fraction']:.3f} {rec['tokens_per_s']:.0f} tok/s")
             if bar is not None:
                 bar.update(1)
+            if args.time_limit is not None and step % args.log_every == 0 and step < stop:
+                over = torch.tensor(float(time.perf_counter() - t_train >= args.time_limit), device=device)
+                if world > 1:
+                    dist.all_reduce(over, op=dist.ReduceOp.MAX)   # every rank stops at the same step
+                time_up = bool(over)
             if args.checkpoint_every and step % args.checkpoint_every == 0 and step < stop:
                 checkpoint()
     if bar is not None:
@@ -687,14 +697,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     checkpoint()
     if args.arch == "mxd":
         layer.normalize_experts()
-    if step >= steps:
+    finished = step >= steps or time_up
+    if time_up:
+        log(f"time limit of {args.time_limit:g} s reached at step {step} of {steps} ({step * args.batch:,} tokens)")
+    if finished:
         if sharded:
             layer = full_layer(layer, device)   # gathered from the shards: on rank 0, None on the others
         if layer is not None and (x_scale, y_scale) != (1.0, 1.0):
             layer = fold_scales(layer if sharded else copy.deepcopy(layer), x_scale, y_scale)
     trained_tokens = (step - start_step) * args.batch
     tokens_per_s = trained_tokens / max(train_seconds, 1e-9)
-    if step < steps:
+    if not finished:
         log(f"stopped at step {step} of {steps}: continue with --resume")
         if world > 1:
             dist.barrier()
@@ -713,7 +726,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             "parameters": n_params, "parameter_budget": budget, "size": size, "k": args.k, "layer": args.layer,
             "d": d, "hidden": hidden if args.arch == "mxd" else None, "world_size": world,
             "parallel": args.parallel if world > 1 else None,
-            "x_scale": x_scale, "y_scale": y_scale,
+            "x_scale": x_scale, "y_scale": y_scale, "time_limited": time_up,
         }
         cfg = {"model": {"name": args.model or f"embedded:{H.embedded_model_path().name}", "layer": args.layer,
                          "d": d, "mlp_hidden": dims["hidden"], "mlp_activation": dims["activation"],

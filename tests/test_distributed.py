@@ -118,6 +118,10 @@ def test_torchrun_two_ranks_end_to_end(tmp_path):
     assert metrics["world_size"] == WORLD and metrics["tokens"] == 384 and metrics["parallel"] == "ddp"
     assert all(Path(out / f"checkpoint-rank{r}.pt").exists() for r in range(WORLD))
     assert T.load_layer(out).n_experts == metrics["size"]
+    # --time-limit: the ranks agree on the step to stop at (a rank that stopped alone would hang the other)
+    _torchrun([*args, "--eval-tokens", "0", "--log-every", "2", "--time-limit", "1e-9", "--out", str(tmp_path / "t")])
+    metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert metrics["time_limited"] and metrics["tokens"] == 2 * 64
 
 
 def test_torchrun_fsdp_end_to_end_and_resume(tmp_path):

@@ -383,6 +383,17 @@ def test_main_baseline_and_plot(tiny, tmp_path):
     assert (out / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_time_limit_ends_the_run_at_a_logging_window_and_evaluates_it(tiny, tmp_path):
+    out = tmp_path / "run"
+    metrics = T.main(_args(tiny, out, "--time-limit", "1e-9"))
+    assert metrics["time_limited"] and metrics["tokens"] == 5 * 48   # the first logging window
+    assert math.isfinite(metrics["delta_ce"]) and (out / "layer.safetensors").exists()
+    assert len(json.loads((out / "history.json").read_text())) == 1
+    assert not T.main(_args(tiny, tmp_path / "full", "--time-limit", "1e6", "--eval-tokens", "0"))["time_limited"]
+    with pytest.raises(SystemExit, match="--time-limit"):
+        T.main(_args(tiny, out, "--time-limit", "0"))
+
+
 def test_resume_equals_uninterrupted_run(tiny, tmp_path):
     from safetensors.torch import load_file
     full, part = tmp_path / "full", tmp_path / "part"
