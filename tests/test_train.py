@@ -432,7 +432,7 @@ def test_train_compare_runs_each_arch_and_k_and_tables_them(tiny, tmp_path, caps
     assert text in capsys.readouterr().out
     # a failed run is reported with its log, and the exit status says so
     assert TC.main(["--k", "3", "--archs", "mxd", "--out", str(tmp_path / "bad"), "--", *args, "--batch", "0"]) == 1
-    assert "exit 2" in (tmp_path / "bad" / "compare.md").read_text()
+    assert "exit 1:" in (tmp_path / "bad" / "compare.md").read_text()
     assert "--batch must be >= 1" in (tmp_path / "bad" / "compare.md").read_text()
     for bad in (["--", "--k", "3"], ["--archs", "nope"], ["--k", "0"], ["--jobs", "0"]):
         with pytest.raises(SystemExit):
