@@ -20,7 +20,7 @@ class SplicedMLP(nn.Module):
         self.layer = layer
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        p = next(self.layer.parameters())
+        p = next(self.layer.parameters(), x)   # a layer without parameters gets x as it is
         y = self.layer(x.reshape(-1, x.shape[-1]).to(device=p.device, dtype=p.dtype))
         return y.reshape(*x.shape[:-1], y.shape[-1]).to(device=x.device, dtype=x.dtype)
 
@@ -92,7 +92,10 @@ def evaluate(model: nn.Module, layer: nn.Module, layer_index: int, contexts: Ten
     y_sq = 0.0
     l0_sum = 0.0
     rows = 0
-    p = next(layer.parameters())
+    # the layer's device and dtype (the model's for a layer without parameters)
+    p = next(layer.parameters(), None)
+    if p is None:
+        p = next(model.parameters())
     with Harvester(model, layer_index) as harvester:
         for i in range(0, contexts.shape[0], batch):
             ids = contexts[i:i + batch].to(device)
