@@ -24,7 +24,8 @@ from pathlib import Path
 from mxd_fast.train import ARCHS, METRICS_FILE
 
 # columns: (metrics key, header, format)
-COLUMNS = (("delta_ce", "CE increase", "{:+.4f}"), ("ce_recovered", "CE recovered", "{:.1%}"), ("eval_nmse", "held-out NMSE", "{:.4f}"),
+COLUMNS = (("delta_ce", "CE increase", "{:+.4f}"), ("kl_spliced", "KL", "{:.4f}"),
+           ("ce_recovered", "CE recovered", "{:.1%}"), ("eval_nmse", "held-out NMSE", "{:.4f}"),
            ("nmse", "train NMSE", "{:.4f}"), ("dead_fraction", "dead", "{:.3f}"), ("tokens", "tokens", "{:,}"),
            ("tokens_per_s", "tok/s", "{:,.0f}"), ("parameters", "params", "{:,}"))
 
@@ -135,16 +136,17 @@ def table(rows: list[dict], archs: list[str]) -> str:
     if "mxd" in archs:
         for k in dict.fromkeys(r["k"] for r in rows):
             by = {r["arch"]: r for r in rows if r["k"] == k}
-            m = by.get("mxd", {}).get("delta_ce")
-            parts = []
-            for arch in archs:
-                d = by.get(arch, {}).get("delta_ce")
-                if arch == "mxd" or d is None or m is None:
-                    continue
-                ratio = f"{d / m:.2f}x MxD's" if m > 0 and d > 0 else "no ratio: not both positive"
-                parts.append(f"{arch} {d:+.4f} ({ratio})")
-            if parts and m is not None:
-                lines.append(f"K = {k}: CE increase MxD {m:+.4f}; " + "; ".join(parts))
+            for key, what in (("delta_ce", "CE increase"), ("kl_spliced", "KL from the clean model")):
+                m = by.get("mxd", {}).get(key)
+                parts = []
+                for arch in archs:
+                    d = by.get(arch, {}).get(key)
+                    if arch == "mxd" or d is None or m is None:
+                        continue
+                    ratio = f"{d / m:.2f}x MxD's" if m > 0 and d > 0 else "no ratio: not both positive"
+                    parts.append(f"{arch} {d:+.4f} ({ratio})")
+                if parts:
+                    lines.append(f"K = {k}: {what} MxD {m:+.4f}; " + "; ".join(parts))
     return "\n".join(lines)
 
 

@@ -62,6 +62,13 @@ def _token_ce(logits: Tensor, input_ids: Tensor) -> tuple[float, int]:
     return float(loss), target.numel()
 
 
+def _token_kl(clean_logits: Tensor, logits: Tensor) -> float:
+    """Summed KL(clean || other) of the next-token distributions, over the positions _token_ce scores."""
+    p = F.log_softmax(clean_logits[:, :-1].float(), dim=-1)
+    q = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    return float((p.exp() * (p - q)).sum())
+
+
 @torch.no_grad()
 def cross_entropy(model: nn.Module, contexts: Tensor, batch: int = 8) -> float:
     """Mean next-token cross-entropy of the model over the contexts [n, T]."""
@@ -81,11 +88,14 @@ def evaluate(model: nn.Module, layer: nn.Module, layer_index: int, contexts: Ten
     block `layer_index`, and with that MLP zero-ablated; plus the layer's reconstruction on the same
     tokens (nmse = sum ||y^ - y||^2 / sum ||y||^2, fvu = the same over the variance of y, l0).
 
-    delta_ce = ce_spliced - ce_clean; ce_recovered = (ce_zero - ce_spliced) / (ce_zero - ce_clean)."""
+    delta_ce = ce_spliced - ce_clean; ce_recovered = (ce_zero - ce_spliced) / (ce_zero - ce_clean);
+    kl_spliced and kl_zero_ablation: the mean KL divergence of the next-token distribution from the clean
+    model's (nats per token; unlike delta_ce, never below zero, so it ranks layers that are all close)."""
     device = next(model.parameters()).device
     was_training = layer.training
     layer.eval()
     ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
+    kl = {"spliced": 0.0, "zero": 0.0}
     count = 0
     err = energy = 0.0
     y_sum = None
@@ -117,10 +127,12 @@ def evaluate(model: nn.Module, layer: nn.Module, layer_index: int, contexts: Ten
             y_sq += float((y.double() ** 2).sum())
             y_sum = y.double().sum(0) if y_sum is None else y_sum + y.double().sum(0)
             rows += y.shape[0]
-            with spliced(model, layer_index, layer):
-                ce["spliced"] += _token_ce(model(input_ids=ids, use_cache=False).logits, ids)[0]
-            with spliced(model, layer_index, ZeroMLP()):
-                ce["zero"] += _token_ce(model(input_ids=ids, use_cache=False).logits, ids)[0]
+            for name, replacement in (("spliced", layer), ("zero", ZeroMLP())):
+                with spliced(model, layer_index, replacement):
+                    logits = model(input_ids=ids, use_cache=False).logits
+                ce[name] += _token_ce(logits, ids)[0]
+                kl[name] += _token_kl(out.logits, logits)
+                del logits
             if log is not None:
                 log(f"evaluated {i + ids.shape[0]}/{contexts.shape[0]} contexts")
     layer.train(was_training)
@@ -130,6 +142,7 @@ def evaluate(model: nn.Module, layer: nn.Module, layer_index: int, contexts: Ten
     return {
         "ce_clean": clean, "ce_spliced": spl, "ce_zero_ablation": zero,
         "delta_ce": spl - clean, "delta_ce_zero_ablation": zero - clean,
+        "kl_spliced": kl["spliced"] / max(count, 1), "kl_zero_ablation": kl["zero"] / max(count, 1),
         "ce_recovered": (zero - spl) / gap if gap > 0 else float("nan"),
         "eval_nmse": err / energy if energy > 0 else float("nan"),
         "eval_fvu": err / variance if rows and variance > 0 else float("nan"),

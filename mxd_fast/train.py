@@ -769,7 +769,8 @@ def _summary(m: dict, out: Path) -> str:
     if "ce_clean" in m:
         lines.append(f"  CE clean {f('ce_clean')}  spliced {f('ce_spliced')} (+{f('delta_ce')})  "
                      f"zero-ablated {f('ce_zero_ablation')} (+{f('delta_ce_zero_ablation')})  "
-                     f"CE recovered {f('ce_recovered', '{:.1%}')}")
+                     f"CE recovered {f('ce_recovered', '{:.1%}')}  KL {f('kl_spliced')} "
+                     f"(zero-ablated {f('kl_zero_ablation')})")
         lines.append(f"  held-out nmse {f('eval_nmse')}  fvu {f('eval_fvu')}  l0 {f('eval_l0', '{:.1f}')}")
     return "\n".join(lines)
 

@@ -186,7 +186,7 @@ def test_splicing_the_mlp_itself_changes_nothing(tiny):
     mlp = H.find_mlp(model, 1)[2]
     m = evaluate(model, _OwnMLP(mlp), 1, contexts, batch=3)
     assert m["ce_spliced"] == pytest.approx(m["ce_clean"], abs=1e-6)
-    assert abs(m["delta_ce"]) < 1e-6
+    assert abs(m["delta_ce"]) < 1e-6 and abs(m["kl_spliced"]) < 1e-6
     assert m["eval_nmse"] < 1e-10
     assert abs(m["ce_zero_ablation"] - m["ce_clean"]) > 1e-5   # (the tiny random model's MLP matters little)
     assert m["eval_tokens"] == 4 * 15
@@ -196,6 +196,14 @@ def test_splicing_the_mlp_itself_changes_nothing(tiny):
     # a layer without parameters of its own (here: the MLP's output halved) runs on the model's device
     halved = evaluate(model, _HalvedOutput(mlp), 1, contexts, batch=3)
     assert halved["eval_nmse"] == pytest.approx(0.25, rel=1e-4)
+    # KL(clean || spliced) per predicted token, against a direct computation
+    with spliced(model, 1, _HalvedOutput(mlp)), torch.no_grad():
+        q = torch.log_softmax(model(input_ids=contexts).logits[:, :-1].float(), -1)
+    with torch.no_grad():
+        p = torch.log_softmax(model(input_ids=contexts).logits[:, :-1].float(), -1)
+    expected = float((p.exp() * (p - q)).sum(-1).mean())
+    assert halved["kl_spliced"] == pytest.approx(expected, rel=1e-5) and expected > 0
+    assert m["kl_zero_ablation"] > 0
 
 
 def test_splice_layer_is_permanent_and_reversible(tiny):
@@ -441,6 +449,7 @@ def test_train_compare_runs_each_arch_and_k_and_tables_them(tiny, tmp_path, caps
         assert T.load_layer(out / f"{r['arch']}-k{r['k']}").num_parameters() == r["parameters"]
     text = (out / "compare.md").read_text()
     assert text.count("| 4 | transcoder |") == 1 and "K = 2: CE increase MxD" in text
+    assert "K = 4: KL from the clean model MxD" in text
     assert text in capsys.readouterr().out
     # a failed run is reported with its log, and the exit status says so
     assert TC.main(["--k", "3", "--archs", "mxd", "--out", str(tmp_path / "bad"), "--", *args, "--batch", "0"]) == 1
