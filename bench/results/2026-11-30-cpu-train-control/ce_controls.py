@@ -1,4 +1,4 @@
-"""python ce_controls.py: next-token CE on the same held-out tokens as ce.py with the real MLP of layer 6 spliced in, its output scaled by alpha and/or with Gaussian noise of a given NMSE added (per token, scaled to the token's output RMS)."""
+"""python ce_controls.py [ALPHA:NOISE_NMSE ...]: next-token CE on the same held-out tokens as ce.py with the real MLP of layer 6 spliced in, its output scaled by alpha and/or with Gaussian noise of a given NMSE added (per token, scaled to the token's output RMS)."""
 import sys, json, torch, os
 from torch import nn
 from mxd_fast import harvest as H
@@ -22,7 +22,8 @@ class Scaled(nn.Module):
             rms = y.pow(2).mean(-1, keepdim=True).sqrt()
             y = y + torch.randn(y.shape, generator=self.g) * rms * self.noise ** 0.5
         return self.alpha * y
-for alpha, noise in [(1.0, 0.0), (0.9, 0.0), (0.8, 0.0), (1.0, 0.15), (0.85, 0.0)]:
+configs = [tuple(map(float, a.split(':'))) for a in sys.argv[1:]] or [(1.0, 0.0), (0.9, 0.0), (0.8, 0.0), (1.0, 0.15), (0.85, 0.0)]
+for alpha, noise in configs:  # argv: ALPHA:NOISE_NMSE ...
     with torch.no_grad():
         m = evaluate(model, Scaled(alpha, noise), 6, contexts, batch=8)
     print(json.dumps({"alpha": alpha, "noise_nmse": noise, **{k: round(v, 5) for k, v in m.items() if isinstance(v, float)}}), flush=True)
