@@ -245,10 +245,12 @@ def _prune(configs, named_args, **kwargs):
 def _default_config(k_pad: int, dtype: torch.dtype) -> triton.Config:
     """The configuration used without autotuning (MXD_FAST_AUTOTUNE=0); it fits in registers. On sm_90 Triton
     uses the Hopper tensor-core instructions (wgmma) only from 64 rows per program: k = 128 takes 64 rows on 8
-    warps (bf16 197 registers, fp32 241 with tf32x3; no spills) rather than 32 rows (mma.sync)."""
+    warps rather than 32 rows (mma.sync); fp32 there takes 64 experts per tile, as 128 spill with tf32x3 under
+    Triton 3.6 (no spills for either dtype under Triton 3.6 and 3.9 on sm_90)."""
     bb = 64 if k_pad <= 128 else 16
     if dtype == torch.float32:
-        return triton.Config(dict(BLOCK_B=bb, BLOCK_N=128, BLOCK_I=32, FULL_MERGE=False), num_warps=8, num_stages=3)
+        bn = 64 if k_pad == 128 else 128
+        return triton.Config(dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_I=32, FULL_MERGE=False), num_warps=8, num_stages=3)
     warps = max(4, bb * k_pad // 1024)   # the running set's register bound in _fits
     return triton.Config(dict(BLOCK_B=bb, BLOCK_N=128, BLOCK_I=64, FULL_MERGE=False),
                          num_warps=warps, num_stages=4 if warps == 4 and bb > 16 else 3)
