@@ -34,9 +34,12 @@ actually run (T*N*d), the sparse ones the K-sparse products (T*K*d). With T toke
                       + dC, dvalues (dense 4TNd | sparse 4TKd)
   transcoder     fwd: 2TWd + 2TKd; bwd: 2TKd (encoder dW) + 4TKd (decoder dW, dvalues); W = 32d
   mlp            fwd: 2*2T*d*4d; bwd: 3*2T*d*4d (dW1, dW2, dh)
-Bytes (op cases only; the same for every provider of a case): the traffic any implementation must
-have: every dense operand read once, every output written once (dense gradients of [N, D] weights
-in full), every gathered row read once per use (T*K rows of D elements).
+Bytes (the same for every provider of an op case): the traffic any implementation must have: every
+dense operand read once, every output written once (dense gradients of [N, D] weights in full), every
+gathered row read once per use (T*K rows of D elements). The MxD training case of the torch, triton and
+cuda providers: the encoder's GEMMs, the gate's and the decode's bytes, the loss; the full step adds
+AdamW (read parameter, gradient and both moments, write three) and the expert renormalisation (read and
+write C, and C and its gradient for the gradient projection). The other training providers: none.
 """
 from __future__ import annotations
 
@@ -349,6 +352,18 @@ def _train_flops(provider: str, s: Shape) -> float:
     return float(fwd + bwd)
 
 
+def _train_bytes(provider: str, s: Shape, es: int, full_step: bool) -> float | None:
+    if provider not in BACKENDS:
+        return None
+    T, d, H, N = s.T, s.d, s.H, s.N
+    encoder = es * (T * d + d * H + H + T * H) + es * (T * H + 2 * T * d + 2 * d * H + H)
+    total = encoder + _op_bytes("topk_gate", "fwd+bwd", s, es) + _op_bytes("mxd_decode", "fwd+bwd", s, es)
+    total += 3 * T * d * es                                  # the loss: read y_hat and y, write its gradient
+    if full_step:
+        total += es * (7 * parameter_count(provider, s) + 5 * N * d)
+    return float(total)
+
+
 def _train_workspace(provider: str, s: Shape, es: int) -> int:
     T, d, H, N = s.T, s.d, s.H, s.N
     state = 5 * parameter_count(provider, s) * es        # param, grad, two AdamW moments, foreach temporaries
@@ -403,7 +418,8 @@ def train_case(provider: str, s: Shape, dtype: torch.dtype, device: torch.device
         return step
 
     return Case(op="train", mode=mode, provider=provider, shape=s, dtype=dtype, device=device,
-                flops=_train_flops(provider, s), bytes=None, input_bytes=3 * s.T * s.d * es,
+                flops=_train_flops(provider, s), bytes=_train_bytes(provider, s, es, full_step),
+                input_bytes=3 * s.T * s.d * es,
                 workspace_bytes=_train_workspace(provider, s, es), note=note, _inputs=make_batch, _fn=make_fn)
 
 

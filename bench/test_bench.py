@@ -135,6 +135,13 @@ def test_flops_definitions():
     dense_gc = C.make_case("gather_combine", "fwd+bwd", "reference", s, torch.float32, torch.device("cpu"))
     assert dense_gc.flops / sparse_gc.flops == s.N / s.K
     assert sparse_gc.bytes == dense_gc.bytes
+    # training: bytes for the mxd_fast providers only, at least the gate's and the decode's; the step adds AdamW
+    cpu = torch.device("cpu")
+    train = {m: C.make_case("train", m, "cuda", s, torch.bfloat16, cpu).bytes for m in ("fwd+bwd", "step")}
+    ops = sum(C.make_case(op, "fwd+bwd", "cuda", s, torch.bfloat16, cpu).bytes for op in ("topk_gate", "mxd_decode"))
+    assert ops < train["fwd+bwd"] < 1.1 * ops
+    assert train["step"] - train["fwd+bwd"] >= 7 * 2 * C.parameter_count("cuda", s)
+    assert C.make_case("train", "step", "reference", s, torch.float32, cpu).bytes is None
 
 
 def test_shape_specs():
