@@ -37,6 +37,17 @@ class Job:
     shape: S.Shape
 
 
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: comma-separated integers >= 1."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
 def default_jobs(device_type: str, quick: bool) -> list[Job]:
     """The default suite. CPU: scaled down to finish in a few minutes on two cores, with the GPT-2
     training step at 2048 tokens. GPU: the paper's four shapes at 4096 tokens, K = 32, and sweeps

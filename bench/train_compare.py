@@ -23,21 +23,13 @@ from pathlib import Path
 
 from mxd_fast.train import ARCHS, METRICS_FILE
 
+from .cli import positive_ints
+
 # columns: (metrics key, header, format)
 COLUMNS = (("delta_ce", "CE increase", "{:+.4f}"), ("kl_spliced", "KL", "{:.4f}"),
            ("ce_recovered", "CE recovered", "{:.1%}"), ("eval_nmse", "held-out NMSE", "{:.4f}"),
            ("nmse", "train NMSE", "{:.4f}"), ("dead_fraction", "dead", "{:.3f}"), ("tokens", "tokens", "{:,}"),
            ("tokens_per_s", "tok/s", "{:,.0f}"), ("parameters", "params", "{:,}"))
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
 
 
 def _archs(text: str) -> list[str]:
@@ -51,7 +43,7 @@ def _archs(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.train_compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--k", type=_ints, default=[16, 32, 64], help="comma-separated K values")
+    p.add_argument("--k", type=positive_ints, default=[16, 32, 64], help="comma-separated K values")
     p.add_argument("--archs", type=_archs, default=["mxd", "transcoder"], help="comma-separated archs")
     p.add_argument("--jobs", type=int, default=1, help="trainings at once")
     p.add_argument("--out", default="runs/compare", help="folder for the runs and the table")
@@ -70,10 +62,10 @@ def _launch(out: Path, arch: str, k: int, train_args: list[str]) -> tuple[subpro
     log = folder / "train.log"
     cmd = [sys.executable, "-m", "mxd_fast.train", *train_args, "--arch", arch, "--k", str(k), "--out", str(folder),
            "--quiet"]
-    fh = open(log, "w")
-    fh.write("$ " + " ".join(cmd) + "\n")
-    fh.flush()
-    return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT), log
+    with open(log, "w") as fh:   # the child keeps its own descriptor
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT), log
 
 
 def run_all(out: Path, archs: list[str], ks: list[int], train_args: list[str], jobs: int,

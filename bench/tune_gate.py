@@ -19,7 +19,7 @@ import torch
 
 from . import shapes as S
 from . import timing as T
-from .cli import DTYPES
+from .cli import DTYPES, positive_ints
 
 
 def _inputs(shape: S.Shape, dtype: torch.dtype, device: torch.device, copies: int) -> list:
@@ -98,7 +98,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.tune_gate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="pythia-1.4b,pythia-1.4b:K=128,llama-3.2-3b")
-    p.add_argument("--splits", default="1,2,3,4,6", help="splits over N to time (comma-separated)")
+    p.add_argument("--splits", type=positive_ints, default=[1, 2, 3, 4, 6],
+                   help="splits over N to time (comma-separated)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--device", default=None, help="cuda[:i] (default), or cpu with TRITON_INTERPRET=1")
     p.add_argument("--top", type=int, default=8, help="fastest rows printed per shape")
@@ -107,18 +108,12 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         p.error("needs a CUDA device (or TRITON_INTERPRET=1 for a run that checks the script on tiny shapes)")
-    try:
-        splits = [int(s) for s in args.splits.split(",")]
-    except ValueError:
-        p.error(f"--splits must be comma-separated integers, got {args.splits!r}")
-    if any(s < 1 for s in splits):
-        p.error(f"--splits must be >= 1, got {args.splits!r}")
     shapes = [S.parse_shape(spec) for spec in S.split_specs(args.shapes)]
     cfg = T.TimingConfig.for_device(device, quick=device.type != "cuda")
     rows = []
     for shape in shapes:
         print(f"{shape.name}: T={shape.T} d={shape.d} N={shape.N} K={shape.K} {args.dtype}")
-        part = tune(shape, DTYPES[args.dtype], device, splits, cfg)
+        part = tune(shape, DTYPES[args.dtype], device, args.splits, cfg)
         rows += part
         timed = sorted((r for r in part if "median_ms" in r), key=lambda r: r["median_ms"])
         print(f"fastest of {shape.name}:")

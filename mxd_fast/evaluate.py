@@ -62,11 +62,15 @@ def _token_ce(logits: Tensor, input_ids: Tensor) -> tuple[float, int]:
     return float(loss), target.numel()
 
 
-def _token_kl(clean_logits: Tensor, logits: Tensor) -> float:
-    """Summed KL(clean || other) of the next-token distributions, over the positions _token_ce scores."""
-    p = F.log_softmax(clean_logits[:, :-1].float(), dim=-1)
-    q = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    return float((p.exp() * (p - q)).sum())
+def _next_token_logprobs(logits: Tensor) -> Tensor:
+    """fp32 log-probabilities at the positions _token_ce scores."""
+    return F.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+def _token_kl(clean_logprobs: Tensor, logits: Tensor) -> float:
+    """Summed KL(clean || other) of the next-token distributions (clean given as _next_token_logprobs)."""
+    q = _next_token_logprobs(logits)
+    return float((clean_logprobs.exp() * (clean_logprobs - q)).sum())
 
 
 @torch.no_grad()
@@ -102,10 +106,6 @@ def evaluate(model: nn.Module, layer: nn.Module, layer_index: int, contexts: Ten
     y_sq = 0.0
     l0_sum = 0.0
     rows = 0
-    # the layer's device and dtype (the model's for a layer without parameters)
-    p = next(layer.parameters(), None)
-    if p is None:
-        p = next(model.parameters())
     with Harvester(model, layer_index) as harvester:
         for i in range(0, contexts.shape[0], batch):
             ids = contexts[i:i + batch].to(device)
@@ -113,6 +113,8 @@ def evaluate(model: nn.Module, layer: nn.Module, layer_index: int, contexts: Ten
             s, c = _token_ce(out.logits, ids)
             ce["clean"] += s
             count += c
+            clean_logprobs = _next_token_logprobs(out.logits)
+            p = next(layer.parameters(), x)   # the layer's device and dtype (x's for a layer without parameters)
             x = x.to(device=p.device, dtype=p.dtype)
             y = y.to(device=p.device, dtype=torch.float32)
             if hasattr(layer, "encode") and hasattr(layer, "decode"):
@@ -131,8 +133,9 @@ def evaluate(model: nn.Module, layer: nn.Module, layer_index: int, contexts: Ten
                 with spliced(model, layer_index, replacement):
                     logits = model(input_ids=ids, use_cache=False).logits
                 ce[name] += _token_ce(logits, ids)[0]
-                kl[name] += _token_kl(out.logits, logits)
+                kl[name] += _token_kl(clean_logprobs, logits)
                 del logits
+            del out, clean_logprobs
             if log is not None:
                 log(f"evaluated {i + ids.shape[0]}/{contexts.shape[0]} contexts")
     layer.train(was_training)

@@ -188,7 +188,7 @@ def test_splicing_the_mlp_itself_changes_nothing(tiny):
     assert m["ce_spliced"] == pytest.approx(m["ce_clean"], abs=1e-6)
     assert abs(m["delta_ce"]) < 1e-6 and abs(m["kl_spliced"]) < 1e-6
     assert m["eval_nmse"] < 1e-10
-    assert abs(m["ce_zero_ablation"] - m["ce_clean"]) > 1e-5   # (the tiny random model's MLP matters little)
+    assert m["ce_zero_ablation"] != pytest.approx(m["ce_clean"], abs=1e-4)
     assert m["eval_tokens"] == 4 * 15
     # the model is left as it was
     assert H.find_mlp(model, 1)[2] is mlp
