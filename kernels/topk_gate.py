@@ -362,7 +362,7 @@ def topk_gate_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 
 def topk_gate_backward(grad_values, x, weight, values, indices, need_x: bool, need_weight: bool,
                        need_bias: bool, deterministic: bool):
-    from .gather_combine import embedding_bag, scatter_rows, scatter_sum
+    from .gather_combine import build_csr, embedding_bag, scatter_rows, scatter_sum
 
     B, I = x.shape
     N = weight.shape[0]
@@ -380,8 +380,10 @@ def topk_gate_backward(grad_values, x, weight, values, indices, need_x: bool, ne
         return dx, dweight, dbias
     if need_x:
         dx = embedding_bag(weight, grad_logits, indices)
+    # One reverse index for both deterministic scatters of the same selection.
+    csr = build_csr(indices, N) if need_weight and need_bias and deterministic else None
     if need_weight:
-        dweight = scatter_rows(indices, grad_logits, x, N, deterministic)
+        dweight = scatter_rows(indices, grad_logits, x, N, deterministic, csr=csr)
     if need_bias:
-        dbias = scatter_sum(indices, grad_logits, N, deterministic)
+        dbias = scatter_sum(indices, grad_logits, N, deterministic, csr=csr)
     return dx, dweight, dbias
