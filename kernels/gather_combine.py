@@ -56,7 +56,9 @@ def _embedding_bag_kernel(table_ptr, coeff_ptr, idx_ptr, scale_ptr, bias_ptr, ou
     rd = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
     md = rd < D
     rj = tl.arange(0, BLOCK_J)
-    acc = tl.zeros([BLOCK_D], dtype=ACC)
+    # A [BLOCK_J, BLOCK_D] accumulator reduced once after the loop: a reduction over the gathered rows
+    # inside the loop would cross warps (shared memory and barriers) at every step.
+    acc2 = tl.zeros([BLOCK_J, BLOCK_D], dtype=ACC)
     for j0 in range(0, K, BLOCK_J):
         j = j0 + rj
         mj = j < K
@@ -66,7 +68,8 @@ def _embedding_bag_kernel(table_ptr, coeff_ptr, idx_ptr, scale_ptr, bias_ptr, ou
         n = tl.where(ok, n, 0).to(tl.int64)
         rows = tl.load(table_ptr + n[:, None] * s_tn + rd[None, :] * s_td,
                        mask=ok[:, None] & md[None, :], other=0).to(ACC)
-        acc += tl.sum(rows * c[:, None], axis=0)
+        acc2 += rows * c[:, None]
+    acc = tl.sum(acc2, axis=0)
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + b * s_sb + rd * s_sd, mask=md, other=0).to(ACC)
     if HAS_BIAS:
@@ -113,19 +116,24 @@ def _gathered_dot_kernel(table_ptr, idx_ptr, dense_ptr, out_ptr,
                          ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program per (token, block of BLOCK_J selected rows); the width is walked in BLOCK_D tiles.
     b = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    rj0 = tl.arange(0, BLOCK_J)
+    j = tl.program_id(1) * BLOCK_J + rj0
     mj = j < K
     n = tl.load(idx_ptr + b * s_ib + j * s_ik, mask=mj, other=-1)
     ok = mj & (n >= 0) & (n < N)
     n = tl.where(ok, n, 0).to(tl.int64)
-    acc = tl.zeros([BLOCK_J], dtype=ACC)
+    acc2 = tl.zeros([BLOCK_J, BLOCK_D], dtype=ACC)  # reduced once, after the loop
     for d0 in range(0, D, BLOCK_D):
         rd = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
         md = rd < D
-        x = tl.load(dense_ptr + b * s_db + rd * s_dd, mask=md, other=0).to(ACC)
+        # The dense slice is loaded in the rows' own [BLOCK_J, BLOCK_D] shape (repeated reads hit L1):
+        # broadcasting a [BLOCK_D] load would convert its layout through shared memory at every step.
+        x = tl.load(dense_ptr + b * s_db + (rj0[:, None] * 0 + rd[None, :]) * s_dd,
+                    mask=(rj0[:, None] >= 0) & md[None, :], other=0).to(ACC)
         rows = tl.load(table_ptr + n[:, None] * s_tn + rd[None, :] * s_td,
                        mask=ok[:, None] & md[None, :], other=0).to(ACC)
-        acc += tl.sum(rows * x[None, :], axis=1)
+        acc2 += rows * x
+    acc = tl.sum(acc2, axis=1)
     tl.store(out_ptr + b * s_ob + j * s_ok, acc.to(out_ptr.dtype.element_ty), mask=mj)
 
 
@@ -191,7 +199,7 @@ def _scatter_rows_kernel(order_ptr, offsets_ptr, row_order_ptr, coeff_ptr, dense
     md = rd < D
     start = tl.load(offsets_ptr + r)
     end = tl.load(offsets_ptr + r + 1)
-    acc = tl.zeros([BLOCK_D], dtype=ACC)
+    acc2 = tl.zeros([BLOCK_E, BLOCK_D], dtype=ACC)  # reduced once, after the loop
     for p0 in range(start, end, BLOCK_E):
         p = p0 + tl.arange(0, BLOCK_E)
         mp = p < end
@@ -201,7 +209,8 @@ def _scatter_rows_kernel(order_ptr, offsets_ptr, row_order_ptr, coeff_ptr, dense
         c = tl.load(coeff_ptr + bb * s_cb + jj * s_ck, mask=mp, other=0).to(ACC)
         x = tl.load(dense_ptr + bb[:, None] * s_db + rd[None, :] * s_dd,
                     mask=mp[:, None] & md[None, :], other=0).to(ACC)
-        acc += tl.sum(x * c[:, None], axis=0)
+        acc2 += x * c[:, None]
+    acc = tl.sum(acc2, axis=0)
     tl.store(out_ptr + r * s_on + rd * s_od, acc.to(out_ptr.dtype.element_ty), mask=md)
 
 
@@ -277,15 +286,15 @@ def _scatter_sum_kernel(order_ptr, offsets_ptr, coeff_ptr, out_ptr, n_rows, K, s
     end = tl.load(offsets_ptr + rows + 1, mask=mr, other=0)
     longest = tl.max(end - start, axis=0)
     re = tl.arange(0, BLOCK_E)
-    acc = tl.zeros([BLOCK_R], dtype=ACC)
+    acc2 = tl.zeros([BLOCK_R, BLOCK_E], dtype=ACC)  # reduced once, after the loop
     for i0 in range(0, longest, BLOCK_E):
         p = start[:, None] + i0 + re[None, :]
         mp = p < end[:, None]
         e = tl.load(order_ptr + p, mask=mp, other=0).to(tl.int64)
         bb = e // K
         jj = e - bb * K
-        c = tl.load(coeff_ptr + bb * s_cb + jj * s_ck, mask=mp, other=0).to(ACC)
-        acc += tl.sum(c, axis=1)
+        acc2 += tl.load(coeff_ptr + bb * s_cb + jj * s_ck, mask=mp, other=0).to(ACC)
+    acc = tl.sum(acc2, axis=1)
     tl.store(out_ptr + rows * s_o, acc.to(out_ptr.dtype.element_ty), mask=mr)
 
 
