@@ -22,6 +22,14 @@ def multiprocessor_count(t: torch.Tensor) -> int:
     return torch.cuda.get_device_properties(t.device).multi_processor_count
 
 
+def capability(t: torch.Tensor) -> int:
+    """Compute capability (major * 10 + minor) of the GPU that kernels on `t` compile for."""
+    if not t.is_cuda:
+        return compile_target[0] if compile_target is not None else 90
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return major * 10 + minor
+
+
 # Largest shared memory per block (opt-in) by compute capability, where the device cannot be asked.
 SHARED_MEMORY = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 

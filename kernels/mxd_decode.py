@@ -28,7 +28,7 @@ from torch import Tensor
 from mxd_fast._utils import new_empty
 from mxd_fast.ops import mxd_decode as _torch_impl
 
-from ._device import autotune_enabled, compiled
+from ._device import autotune_enabled, capability, compiled
 from .gather_combine import embedding_bag, gathered_dot, scatter_rows
 
 __all__ = ["mxd_decode_forward", "mxd_decode_backward"]
@@ -173,6 +173,8 @@ _INTERLEAVED_CONFIGS = [
     _config(64, 64, 64, 4, 4, 1),
 ]
 
+_PRE_HOPPER_FP32_CONFIG = _config(128, 64, 32, 4, 4, 1)
+
 _TUNE_KEY = ["B_BUCKET", "H", "O", "K", "C_SOURCE", "WRITE_Y", "WRITE_GH", "WRITE_GC"]
 _mxd_decode_tuned = triton.autotune(configs=_CUDA_CONFIGS, key=_TUNE_KEY)(_mxd_decode_kernel)
 _mxd_decode_tuned_interleaved = triton.autotune(configs=_INTERLEAVED_CONFIGS, key=_TUNE_KEY)(_mxd_decode_kernel)
@@ -275,8 +277,11 @@ def _launch(z, decoder, experts, values, indices, *, c_source, c_tilde=None, bia
         # without autotuning: the widest tile; the fused backward (two outputs) spills there, so the smallest
         if interleaved:
             c = _INTERLEAVED_CONFIGS[0]
+        elif gh is not None and gc is not None:
+            c = _CUDA_CONFIGS[5]
         else:
-            c = _CUDA_CONFIGS[5] if gh is not None and gc is not None else _CUDA_CONFIGS[0]
+            # fp32 operands (TF32) before sm_90: 128 x 128 spills, half the columns on 4 warps does not
+            c = _PRE_HOPPER_FP32_CONFIG if z.dtype == torch.float32 and capability(z) < 90 else _CUDA_CONFIGS[0]
         _mxd_decode_kernel[grid](*args, **flags, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     else:
         _mxd_decode_kernel[grid](*args, **flags, **_INTERPRETER_CONFIG)

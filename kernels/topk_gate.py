@@ -55,7 +55,7 @@ import triton.language as tl
 
 from mxd_fast._utils import new_empty
 
-from ._device import autotune_enabled, compiled, multiprocessor_count, shared_memory_limit
+from ._device import autotune_enabled, capability, compiled, multiprocessor_count, shared_memory_limit
 
 # Largest k handled in registers; larger k uses the torch backend's tiled path.
 MAX_K = 256
@@ -239,18 +239,26 @@ def _prune(configs, named_args, **kwargs):
     k_pad, x = kwargs["K_PAD"], named_args["x_ptr"]
     limit = shared_memory_limit(x)
     fit = [c for c in configs if _fits(c.kwargs, k_pad, c.num_warps, c.num_stages, x.element_size(), limit)]
-    return fit or [_default_config(k_pad, x.dtype)]
+    return fit or [_default_config(k_pad, x.dtype, capability(x))]
 
 
-def _default_config(k_pad: int, dtype: torch.dtype) -> triton.Config:
+def _default_config(k_pad: int, dtype: torch.dtype, cap: int = 90) -> triton.Config:
     """The configuration used without autotuning (MXD_FAST_AUTOTUNE=0); it fits in registers. On sm_90 Triton
     uses the Hopper tensor-core instructions (wgmma) only from 64 rows per program: k = 128 takes 64 rows on 8
     warps rather than 32 rows (mma.sync); fp32 there takes 64 experts per tile, as 128 spill with tf32x3 under
-    Triton 3.6 (no spills for either dtype under Triton 3.6 and 3.9 on sm_90)."""
+    Triton 3.6 (no spills for either dtype under Triton 3.6 and 3.9 on sm_90). Before sm_90 (mma.sync
+    throughout, more registers per tile) 64 rows spill at k = 64 and 128 and in fp32: those take 32 rows
+    (fp32: 64 experts per tile, on 8 warps up to k = 8, where 4 spill; checked against ptxas for sm_80)."""
+    pre_hopper = cap < 90
     bb = 64 if k_pad <= 128 else 16
     if dtype == torch.float32:
+        if pre_hopper and k_pad <= 128:
+            return triton.Config(dict(BLOCK_B=32, BLOCK_N=64, BLOCK_I=32, FULL_MERGE=False),
+                                 num_warps=8 if k_pad <= 8 else 4, num_stages=3)
         bn = 64 if k_pad == 128 else 128
         return triton.Config(dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_I=32, FULL_MERGE=False), num_warps=8, num_stages=3)
+    if pre_hopper and k_pad in (64, 128):
+        bb = 32
     warps = max(4, bb * k_pad // 1024)   # the running set's register bound in _fits
     return triton.Config(dict(BLOCK_B=bb, BLOCK_N=128, BLOCK_I=64, FULL_MERGE=False),
                          num_warps=warps, num_stages=4 if warps == 4 and bb > 16 else 3)
@@ -332,7 +340,7 @@ def _forward(x, weight, bias, k, split=None, config=None):
         _tuned_fwd_kernel[grid](*args, **meta)
     else:
         if config is None and compiled(x):
-            c = _default_config(k_pad, x.dtype)
+            c = _default_config(k_pad, x.dtype, capability(x))
             config = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
         cfg = dict(_INTERPRETER_CONFIG, **(config or {}))
         if cfg["FULL_MERGE"]:
