@@ -13,7 +13,7 @@ always read, even with a zero coefficient, so NaN/Inf propagate as in the torch 
 
 The deterministic scatter builds a CSR reverse index of the selection (histogram of the indices,
 stable sort, prefix sum) and runs one program per (row, column tile) that sums the row's
-contributions in token order: no floating-point atomics, bitwise reproducible. Rows are visited
+contributions in a fixed order: no floating-point atomics, bitwise reproducible. Rows are visited
 in order of descending count so that the heavy rows start first.
 """
 from __future__ import annotations
@@ -193,7 +193,8 @@ def _scatter_rows_kernel(order_ptr, offsets_ptr, row_order_ptr, coeff_ptr, dense
                          D, K,
                          s_cb, s_ck, s_db, s_dd, s_on, s_od,
                          ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
-    # One program per (row, column tile): sums the row's contributions in token order.
+    # One program per (row, column tile): sums the row's contributions in a fixed order (BLOCK_E partial
+    # sums over the entries in token order, then added together).
     r = tl.load(row_order_ptr + tl.program_id(0)).to(tl.int64)
     rd = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
     md = rd < D
@@ -279,7 +280,7 @@ def scatter_rows(indices: Tensor, coeffs: Tensor, dense: Tensor, n_rows: int, de
 @triton.jit
 def _scatter_sum_kernel(order_ptr, offsets_ptr, coeff_ptr, out_ptr, n_rows, K, s_cb, s_ck, s_o,
                         ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
-    # BLOCK_R rows per program; each row sums its contributions in token order.
+    # BLOCK_R rows per program; each row sums its contributions in a fixed order (as _scatter_rows_kernel).
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     mr = rows < n_rows
     start = tl.load(offsets_ptr + rows, mask=mr, other=0)
