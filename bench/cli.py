@@ -37,7 +37,6 @@ class Job:
     shape: S.Shape
 
 
-
 def positive_ints(text: str) -> list[int]:
     """argparse type: comma-separated integers >= 1."""
     try:
@@ -47,6 +46,7 @@ def positive_ints(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
     return values
+
 
 def default_jobs(device_type: str, quick: bool) -> list[Job]:
     """The default suite. CPU: scaled down to finish in a few minutes on two cores, with the GPT-2

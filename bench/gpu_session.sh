@@ -88,8 +88,8 @@ fi
 if want profile; then
 stage "where the Triton backward's time goes: kernel profiles, forward + backward (pythia-1.4b, K = 32)"
 for case in "train triton" "train cuda" "gather_combine triton" "topk_gate triton" "mxd_decode triton"; do
-    set -- $case
-    run 40 profiles.log $PY -m bench.profile --op $1 --mode fwd+bwd --provider $2 --shape pythia-1.4b --rows 25
+    read -r op provider <<< "$case"
+    run 40 profiles.log $PY -m bench.profile --op "$op" --mode fwd+bwd --provider "$provider" --shape pythia-1.4b --rows 25
 done
 fi
 

@@ -128,10 +128,9 @@ def _gathered_dot_kernel(table_ptr, idx_ptr, dense_ptr, out_ptr,
         md = rd < D
         # The dense slice is loaded in the rows' own [BLOCK_J, BLOCK_D] shape (repeated reads hit L1):
         # broadcasting a [BLOCK_D] load would convert its layout through shared memory at every step.
-        x = tl.load(dense_ptr + b * s_db + (rj0[:, None] * 0 + rd[None, :]) * s_dd,
-                    mask=(rj0[:, None] >= 0) & md[None, :], other=0).to(ACC)
-        rows = tl.load(table_ptr + n[:, None] * s_tn + rd[None, :] * s_td,
-                       mask=ok[:, None] & md[None, :], other=0).to(ACC)
+        m2 = ok[:, None] & md[None, :]
+        x = tl.load(dense_ptr + b * s_db + (rj0[:, None] * 0 + rd[None, :]) * s_dd, mask=m2, other=0).to(ACC)
+        rows = tl.load(table_ptr + n[:, None] * s_tn + rd[None, :] * s_td, mask=m2, other=0).to(ACC)
         acc2 += rows * x
     acc = tl.sum(acc2, axis=1)
     tl.store(out_ptr + b * s_ob + j * s_ok, acc.to(out_ptr.dtype.element_ty), mask=mj)

@@ -242,7 +242,7 @@ def _prune(configs, named_args, **kwargs):
     return fit or [_default_config(k_pad, x.dtype, capability(x))]
 
 
-def _default_config(k_pad: int, dtype: torch.dtype, cap: int = 90) -> triton.Config:
+def _default_config(k_pad: int, dtype: torch.dtype, cap: int) -> triton.Config:
     """The configuration used without autotuning (MXD_FAST_AUTOTUNE=0); it fits in registers. On sm_90 Triton
     uses the Hopper tensor-core instructions (wgmma) only from 64 rows per program: k = 128 takes 64 rows on 8
     warps rather than 32 rows (mma.sync); fp32 there takes 64 experts per tile, as 128 spill with tf32x3 under

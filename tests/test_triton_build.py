@@ -1,6 +1,6 @@
 """Build check of the Triton kernels that needs no GPU (kernels/check_build.py): every configuration the
-ops launch on a GPU compiles for sm_80 and sm_90 with Triton's compiler and ptxas, without register spills in the
-fixed configurations and with at least one autotuning candidate that fits. The interpreter tests check
+ops launch on a GPU compiles for sm_80 and sm_90 with Triton's compiler and ptxas, without register
+spills in the fixed configurations and with at least one autotuning candidate that fits. The interpreter tests check
 what the kernels compute; this checks that the GPU compiler accepts them."""
 from __future__ import annotations
 
