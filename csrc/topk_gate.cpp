@@ -96,6 +96,9 @@ std::tuple<at::Tensor, at::Tensor> topk_gate_forward(const at::Tensor& x, const 
   int64_t tile_n = std::max(kMinTileExperts, kTileElements / B);
   if (tile_n >= N) tile_n = N;
   else tile_n = tile_n / 256 * 256;
+  // Contiguous tiles of a multiple of 256 experts start every row 16-byte aligned, which the kernel
+  // reads 16 bytes at a time (scalar loads for the last tile and a single tile of N % 8 != 0 experts);
+  // contiguous, so that cuBLAS can add the bias in its epilogue.
   const int64_t tile_b = std::min(B, std::max<int64_t>(1, kTileElements / tile_n));
   const bool single_tile = tile_n == N;
 

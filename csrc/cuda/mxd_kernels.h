@@ -82,7 +82,8 @@ constexpr int kTopkMaxK = 1024;
 // Bytes of running state one row needs between tiles (keys and int32 expert ids).
 size_t topk_state_bytes_per_row(DType dtype, int k);
 
-// One tile of logits [rows, cols] (row stride ld) of the experts col_offset .. col_offset + cols:
+// One tile of logits [rows, cols] (row stride ld; read 16 bytes at a time where logits and ld are
+// 16-byte aligned) of the experts col_offset .. col_offset + cols:
 // relu, then merge into the running top-k of each row (state: rows * topk_state_bytes_per_row).
 // first: the state is empty (not read). last: write the final top-k, sorted descending (NaN
 // largest), to values [rows, k] (DType, contiguous) and indices [rows, k] (int64, contiguous)

@@ -1,15 +1,18 @@
 // topk_gate: per tile of gate logits (a [rows, cols] GEMM output that stays in L2), relu and an
 // exact warp-level k-selection merged into a running top-k per row, kept between tiles.
 //
-// One warp per row. The running top-k lives in shared memory as k slots of (order key, expert id);
-// slot i belongs to lane i % 32, which keeps the minimum of its slots in registers, and the warp
-// keeps the current k-th largest key (the threshold) and its slot. A tile is streamed 32 x 4
-// logits at a time: one comparison with the threshold rejects almost every logit; each survivor
-// replaces the minimum slot, after which only the owning lane rescans its slots and the warp
-// re-reduces the 32 lane minima. The last tile sorts the slots (bitonic, descending) and writes
-// values and int64 indices. Logits are compared as order-preserving unsigned keys with every NaN
-// mapped to the largest key, so NaN ranks above +inf as in torch.topk; ties keep the earlier
-// expert, which makes the selection deterministic.
+// One warp per row. Entries are ranked in one total order: a larger logit first, then the smaller
+// expert id (ties keep the earlier expert), so the selection is exact and deterministic whatever
+// order the logits are visited in. Logits are compared as order-preserving unsigned keys with
+// every NaN mapped to the largest key, so NaN ranks above +inf as in torch.topk.
+// The running top-k lives in shared memory as k slots of (key, expert id); slot i belongs to lane
+// i % 32, which keeps the worst of its slots in registers, and the warp keeps the worst of all k
+// (the threshold) and its slot. A row is read in passes of 32 lanes x kTopkLoads 16-byte loads
+// (1024 bf16 logits; scalar loads where a row is not 16-byte aligned), all in flight at once; one
+// comparison with the threshold rejects almost every logit; each survivor replaces the worst
+// slot, after which only the owning lane rescans its slots and the warp re-reduces the 32 lane
+// minima. The last tile sorts the slots (bitonic, descending) and writes values and int64
+// indices.
 #include <climits>
 
 #include "common.cuh"
@@ -44,44 +47,93 @@ __device__ __forceinline__ A relu(A v) {
   return v > A(0) ? v : (isnan(v) ? v : A(0));
 }
 
-// Lexicographic minimum over the warp of (key, slot); every lane gets the result.
+// Whether (k1, i1) ranks above (k2, i2): a larger key, or an equal key and a smaller id. Ids compare
+// as unsigned, so an empty slot's id (-1) loses to every expert.
 template <typename Key>
-__device__ __forceinline__ void warp_argmin(Key& key, int& slot) {
+__device__ __forceinline__ bool ranks_above(Key k1, uint32_t i1, Key k2, uint32_t i2) {
+  return k1 > k2 || (k1 == k2 && i1 < i2);
+}
+
+// The lowest-ranked of the k slots, over the warp: every lane gets its key, id and slot. Lanes
+// without a slot enter the highest rank and slot INT_MAX; equal ranks (empty slots) keep the
+// smaller slot.
+template <typename Key>
+__device__ __forceinline__ void warp_lowest(Key& key, uint32_t& id, int& slot) {
 #pragma unroll
   for (int off = kWarp / 2; off > 0; off >>= 1) {
     const Key k2 = __shfl_xor_sync(kFullMask, key, off);
+    const uint32_t i2 = __shfl_xor_sync(kFullMask, id, off);
     const int s2 = __shfl_xor_sync(kFullMask, slot, off);
-    if (k2 < key || (k2 == key && s2 < slot)) {
+    if (ranks_above(key, id, k2, i2) || (k2 == key && i2 == id && s2 < slot)) {
       key = k2;
+      id = i2;
       slot = s2;
     }
   }
 }
 
-// Minimum of the slots lane, lane + 32, ... below k.
+// The lowest-ranked of the slots lane, lane + 32, ... below k.
 template <typename Key>
-__device__ __forceinline__ void lane_min(const Key* keys, int k, int lane, Key& key, int& slot) {
+__device__ __forceinline__ void lane_lowest(const Key* keys, const int32_t* ids, int k, int lane, Key& key,
+                                            uint32_t& id, int& slot) {
   key = ~Key(0);
+  id = 0;
   slot = INT_MAX;
   for (int i = lane; i < k; i += kWarp) {
-    if (keys[i] < key) {
+    const uint32_t id_i = static_cast<uint32_t>(ids[i]);
+    if (slot == INT_MAX || ranks_above(key, id, keys[i], id_i)) {
       key = keys[i];
+      id = id_i;
       slot = i;
     }
   }
 }
 
+template <typename T>
+__device__ __forceinline__ typename KeyOf<Acc<T>>::type logit_key(T v) {
+  return order_key(relu(to_acc(v)));
+}
+
+// Word i of a 16-byte vector (i a compile-time constant after unrolling).
+__device__ __forceinline__ uint32_t word(const uint4& raw, int i) {
+  return i == 0 ? raw.x : i == 1 ? raw.y : i == 2 ? raw.z : raw.w;
+}
+
+// Element v of a 16-byte vector of T, unpacked in registers.
+template <typename T> __device__ __forceinline__ T element(const uint4& raw, int v);
+template <> __device__ __forceinline__ float element<float>(const uint4& raw, int v) {
+  return __uint_as_float(word(raw, v));
+}
+template <> __device__ __forceinline__ double element<double>(const uint4& raw, int v) {
+  return __hiloint2double(static_cast<int>(word(raw, 2 * v + 1)), static_cast<int>(word(raw, 2 * v)));
+}
+template <> __device__ __forceinline__ __half element<__half>(const uint4& raw, int v) {
+  return __ushort_as_half(static_cast<unsigned short>(word(raw, v / 2) >> (16 * (v % 2))));
+}
+template <> __device__ __forceinline__ __nv_bfloat16 element<__nv_bfloat16>(const uint4& raw, int v) {
+  return __ushort_as_bfloat16(static_cast<unsigned short>(word(raw, v / 2) >> (16 * (v % 2))));
+}
+
+// cand[i] for a runtime i, by selection in registers (indexing would put cand in local memory).
+template <typename Key, int M>
+__device__ __forceinline__ Key pick(const Key (&cand)[M], int i) {
+  Key out = cand[0];
+#pragma unroll
+  for (int j = 1; j < M; ++j) out = i == j ? cand[j] : out;
+  return out;
+}
+
 constexpr int kTopkThreadsMax = 256;
-constexpr int kTopkUnroll = 4;
+constexpr int kTopkLoads = 4;  // loads in flight per lane and pass
 constexpr int kTopkSmemBudget = 32 * 1024;
 
-template <typename T>
+// VEC: logits per load (16 bytes' worth, or 1 where rows are not 16-byte aligned).
+template <typename T, int VEC>
 __global__ void __launch_bounds__(kTopkThreadsMax)
 topk_tile_kernel(const T* __restrict__ logits, int64_t rows, int64_t cols, int64_t ld, int64_t col_offset, int k,
                  int kpad, typename KeyOf<Acc<T>>::type* __restrict__ state_keys, int32_t* __restrict__ state_ids,
                  bool first, bool last, T* __restrict__ values, int64_t* __restrict__ indices) {
-  using A = Acc<T>;
-  using Key = typename KeyOf<A>::type;
+  using Key = typename KeyOf<Acc<T>>::type;
   extern __shared__ __align__(16) unsigned char smem[];
   const int warps = blockDim.x / kWarp;
   const int warp = threadIdx.x / kWarp;
@@ -105,37 +157,65 @@ topk_tile_kernel(const T* __restrict__ logits, int64_t rows, int64_t cols, int64
   }
   __syncwarp();
 
-  Key my_min;
+  Key my_key;
+  uint32_t my_id;
   int my_slot;
-  lane_min(keys, k, lane, my_min, my_slot);
-  Key threshold = my_min;
-  int min_slot = my_slot;
-  warp_argmin(threshold, min_slot);
+  lane_lowest(keys, ids, k, lane, my_key, my_id, my_slot);
+  Key threshold = my_key;
+  uint32_t threshold_id = my_id;
+  int low_slot = my_slot;
+  warp_lowest(threshold, threshold_id, low_slot);
 
   const T* src = logits + row * ld;
-  for (int64_t base = 0; base < cols; base += kWarp * kTopkUnroll) {
-    Key cand[kTopkUnroll];
+  constexpr int kLoads = VEC == 1 ? 2 * kTopkLoads : kTopkLoads;  // scalar loads: more of them
+  constexpr int kPerLane = kLoads * VEC;
+  constexpr int64_t kPass = static_cast<int64_t>(kWarp) * kPerLane;
+  for (int64_t base = 0; base < cols; base += kPass) {
+    // Lane l holds the logits base + (u * 32 + l) * VEC + v of load u, as cand[u * VEC + v].
+    Key cand[kPerLane];
+    bool any = false;
 #pragma unroll
-    for (int u = 0; u < kTopkUnroll; ++u) {
-      const int64_t c = base + u * kWarp + lane;
-      cand[u] = c < cols ? order_key(relu(to_acc(src[c]))) : Key(0);
+    for (int u = 0; u < kLoads; ++u) {
+      const int64_t c0 = base + static_cast<int64_t>(u * kWarp + lane) * VEC;
+      if (VEC > 1 && c0 + VEC <= cols) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(src + c0);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) cand[u * VEC + v] = logit_key(element<T>(raw, v));
+      } else {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) cand[u * VEC + v] = c0 + v < cols ? logit_key(src[c0 + v]) : Key(0);
+      }
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        // Expert ids fit in 32 bits (N < 2^31 - 1).
+        any |= c0 + v < cols && ranks_above(cand[u * VEC + v], static_cast<uint32_t>(col_offset + c0 + v),
+                                            threshold, threshold_id);
+      }
     }
-#pragma unroll
-    for (int u = 0; u < kTopkUnroll; ++u) {
-      unsigned pending = __ballot_sync(kFullMask, cand[u] > threshold);
+    if (!__any_sync(kFullMask, any)) continue;  // the common case once the threshold has risen
+
+#pragma unroll 1
+    for (int i = 0; i < kPerLane; ++i) {
+      const int u = i / VEC, v = i % VEC;
+      const Key mine = pick(cand, i);
+      const int64_t c = base + static_cast<int64_t>(u * kWarp + lane) * VEC + v;
+      unsigned pending = __ballot_sync(
+          kFullMask, c < cols && ranks_above(mine, static_cast<uint32_t>(col_offset + c), threshold, threshold_id));
       while (pending != 0) {
         const int from = __ffs(pending) - 1;
         pending &= pending - 1;
-        const Key key = __shfl_sync(kFullMask, cand[u], from);
-        if (key > threshold) {  // the threshold may have risen since the ballot
-          if (lane == (min_slot & (kWarp - 1))) {
-            keys[min_slot] = key;
-            ids[min_slot] = static_cast<int32_t>(col_offset + base + u * kWarp + from);
-            lane_min(keys, k, lane, my_min, my_slot);
+        const Key key = __shfl_sync(kFullMask, mine, from);
+        const uint32_t id = static_cast<uint32_t>(col_offset + base + static_cast<int64_t>(u * kWarp + from) * VEC + v);
+        if (ranks_above(key, id, threshold, threshold_id)) {  // the threshold may have risen since the ballot
+          if (lane == (low_slot & (kWarp - 1))) {
+            keys[low_slot] = key;
+            ids[low_slot] = static_cast<int32_t>(id);
+            lane_lowest(keys, ids, k, lane, my_key, my_id, my_slot);
           }
-          threshold = my_min;
-          min_slot = my_slot;
-          warp_argmin(threshold, min_slot);
+          threshold = my_key;
+          threshold_id = my_id;
+          low_slot = my_slot;
+          warp_lowest(threshold, threshold_id, low_slot);
         }
       }
     }
@@ -208,9 +288,13 @@ cudaError_t topk_gate_tile(DType dtype, const void* logits, int64_t rows, int64_
     Key* state_keys = static_cast<Key*>(state);
     int32_t* state_ids = state_keys == nullptr ? nullptr : reinterpret_cast<int32_t*>(state_keys + rows * k);
     const dim3 grid(static_cast<unsigned>(ceil_div(rows, warps)));
-    topk_tile_kernel<T><<<grid, warps * kWarp, static_cast<size_t>(warps) * per_warp, stream>>>(
-        static_cast<const T*>(logits), rows, cols, ld, col_offset, k, kpad, state_keys, state_ids, first, last,
-        static_cast<T*>(values), indices);
+    const size_t smem = static_cast<size_t>(warps) * per_warp;
+    dispatch_vec<T>(aligned16(logits, ld, sizeof(T)), [&](auto vec) {
+      topk_tile_kernel<T, decltype(vec)::value><<<grid, warps * kWarp, smem, stream>>>(
+          static_cast<const T*>(logits), rows, cols, ld, col_offset, k, kpad, state_keys, state_ids, first, last,
+          static_cast<T*>(values), indices);
+      return cudaSuccess;
+    });
     return cudaGetLastError();
   });
 }
