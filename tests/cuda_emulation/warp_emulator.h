@@ -1,7 +1,8 @@
 // A CPU emulation of the CUDA execution model, enough to run mxd_fast's warp-synchronous kernels
 // and their launchers on a machine without a GPU.
 //
-// Every CUDA thread of a block is a fiber (ucontext) on one OS thread; blocks run one after
+// Every CUDA thread of a block is a fiber on one OS thread (started with makecontext, switched
+// with _setjmp/_longjmp, which unlike swapcontext make no system call); blocks run one after
 // another. A warp collective (__shfl*_sync, __ballot_sync, __any_sync, __syncwarp) and
 // __syncthreads are barriers: a fiber arriving at one yields until every live thread of its warp
 // (block) has arrived. Dynamic shared memory is filled with a garbage pattern before each block,
@@ -18,6 +19,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <cmath>
@@ -26,6 +28,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -35,9 +38,10 @@ constexpr int kWarpSize = 32;
 constexpr size_t kStackBytes = 256 * 1024;
 
 struct Fiber {
-  ucontext_t context;
-  std::vector<char> stack;
+  ucontext_t start;
+  jmp_buf resume;
   uint3 thread_idx;
+  bool started = false;
   bool done = false;
   bool waiting = false;
 };
@@ -45,10 +49,11 @@ struct Fiber {
 struct BlockState {
   std::vector<Fiber> fibers;
   std::vector<int> warp_live, warp_arrived;
+  std::vector<int> warp_released;  // threads that passed each warp's last barrier
   std::vector<uint64_t> exchange;  // [warps][32] values of the collective in progress
   int block_live = 0, block_arrived = 0;
   int current = -1;
-  ucontext_t scheduler;
+  jmp_buf scheduler;
   std::vector<unsigned char> shared;
   std::string error;
 };
@@ -59,6 +64,13 @@ inline dim3 g_block_dim, g_grid_dim;
 inline std::function<void()> g_kernel_call;
 inline std::string g_error;  // the first error of the last launch
 
+// Fiber stacks, reused by every block (allocated once, never zero-filled: untouched pages cost nothing).
+inline char* fiber_stack(int thread) {
+  static std::vector<std::unique_ptr<char[]>> stacks;
+  while (static_cast<int>(stacks.size()) <= thread) stacks.emplace_back(new char[kStackBytes]);
+  return stacks[thread].get();
+}
+
 inline Fiber& self() { return g_block->fibers[g_block->current]; }
 inline int linear_tid(const uint3& t) {
   return static_cast<int>(t.x + g_block_dim.x * (t.y + g_block_dim.y * t.z));
@@ -68,15 +80,16 @@ inline int warp_of(int tid) { return tid / kWarpSize; }
 // Stops the calling fiber for good after an error; the scheduler ends the launch.
 [[noreturn]] inline void fail(const std::string& message) {
   if (g_block->error.empty()) g_block->error = message;
-  Fiber& f = self();
-  f.waiting = true;
-  swapcontext(&f.context, &g_block->scheduler);
-  std::abort();  // never resumed
+  self().waiting = true;
+  _longjmp(g_block->scheduler, 1);  // never resumed
 }
 
-inline void yield() { swapcontext(&self().context, &g_block->scheduler); }
+inline void yield() {
+  if (_setjmp(self().resume) == 0) _longjmp(g_block->scheduler, 1);
+}
 
 inline void release_warp(int w) {
+  g_block->warp_released[w] = g_block->warp_arrived[w];
   for (int i = w * kWarpSize; i < static_cast<int>(g_block->fibers.size()) && i < (w + 1) * kWarpSize; ++i)
     g_block->fibers[i].waiting = false;
   g_block->warp_arrived[w] = 0;
@@ -105,7 +118,14 @@ inline void block_barrier() {
 inline void check_full(unsigned mask, const char* what) {
   if (mask != 0xffffffffu) fail(std::string(what) + ": only the full mask is emulated");
   if (g_block->warp_live[warp_of(g_block->current)] != kWarpSize)
-    fail(std::string(what) + " with a full mask in a warp whose threads have not all arrived or some exited");
+    fail(std::string(what) + " with a full mask in a warp some of whose threads exited");
+}
+
+// A full-mask collective's barrier must have been passed by all 32 threads of the warp.
+inline void full_warp_barrier(const char* what) {
+  warp_barrier();
+  if (g_block->warp_released[warp_of(g_block->current)] != kWarpSize)
+    fail(std::string(what) + " with a full mask in a warp some of whose threads exited");
 }
 
 // Every lane publishes `value`; read(lane) gives any lane's value until the closing barrier.
@@ -116,7 +136,7 @@ auto exchange(V value, Read read) {
   uint64_t& slot = g_block->exchange[tid];
   slot = 0;
   std::memcpy(&slot, &value, sizeof(V));
-  warp_barrier();
+  full_warp_barrier("a warp collective");
   const uint64_t* lanes = &g_block->exchange[warp_of(tid) * kWarpSize];
   auto out = read(lanes);
   warp_barrier();
@@ -158,7 +178,7 @@ inline unsigned ballot_sync(unsigned mask, bool predicate) {
 
 inline void syncwarp(unsigned mask = 0xffffffffu) {
   check_full(mask, "__syncwarp");
-  warp_barrier();
+  full_warp_barrier("__syncwarp");
 }
 
 inline unsigned char* dynamic_shared() { return g_block->shared.data(); }
@@ -175,6 +195,7 @@ inline void fiber_main() {
     for (Fiber& g : b.fibers) g.waiting = false;
     b.block_arrived = 0;
   }
+  _longjmp(b.scheduler, 1);
 }
 
 // Runs every thread of one block to completion; returns false with g_error set on an error.
@@ -189,7 +210,11 @@ inline bool run_block(BlockState& b) {
       if (f.waiting) continue;
       b.current = static_cast<int>(i);
       g_thread_idx = f.thread_idx;
-      swapcontext(&b.scheduler, &f.context);
+      if (_setjmp(b.scheduler) == 0) {
+        if (f.started) _longjmp(f.resume, 1);
+        f.started = true;
+        setcontext(&f.start);
+      }
       ran = true;
       if (!b.error.empty()) break;
     }
@@ -225,6 +250,7 @@ struct Launcher {
           b.fibers.resize(threads);
           b.warp_live.assign(warps, 0);
           b.warp_arrived.assign(warps, 0);
+          b.warp_released.assign(warps, 0);
           b.exchange.assign(static_cast<size_t>(warps) * kWarpSize, 0);
           b.block_live = threads;
           b.shared.assign(shared_bytes, 0xAB);
@@ -232,18 +258,24 @@ struct Launcher {
           for (int t = 0; t < threads; ++t) {
             Fiber& f = b.fibers[t];
             f.thread_idx = make_uint3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-            f.stack.resize(kStackBytes);
             ++b.warp_live[warp_of(t)];
-            getcontext(&f.context);
-            f.context.uc_stack.ss_sp = f.stack.data();
-            f.context.uc_stack.ss_size = f.stack.size();
-            f.context.uc_link = &b.scheduler;
-            makecontext(&f.context, fiber_main, 0);
+            getcontext(&f.start);
+            f.start.uc_stack.ss_sp = fiber_stack(t);
+            f.start.uc_stack.ss_size = kStackBytes;
+            f.start.uc_link = nullptr;  // fiber_main never returns
+            makecontext(&f.start, fiber_main, 0);
           }
           if (!run_block(b)) return;
         }
   }
 };
+
+// For the harnesses' C entry points: clears the error before a call, reports it after.
+inline void begin_call() { g_error.clear(); }
+inline int end_call(cudaError_t status, char* error, int error_bytes) {
+  std::snprintf(error, static_cast<size_t>(error_bytes), "%s", g_error.c_str());
+  return static_cast<int>(status);
+}
 
 inline cudaError_t get_last_error() { return g_error.empty() ? cudaSuccess : cudaErrorLaunchFailure; }
 inline cudaError_t get_device(int* device) {
