@@ -371,3 +371,20 @@ def test_emulator_runs_warp_collectives(emulated):
 def test_emulator_reports_broken_synchronisation(emulated, which, message):
     _, _, status, error = _selftest(emulated, which, blocks=1, threads=64)
     assert status != 0 and message in error
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=DTYPE_IDS)
+@pytest.mark.parametrize("aligned", [True, False], ids=["vector", "scalar"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_topk_gate_tile_candidates_of_one_vote(emulated, dtype, aligned, k):
+    """A later tile with a few candidates that one vote finds together (lanes 0-3, same load and
+    element), largest first: after each insertion the rest must be checked against the risen threshold."""
+    rows, tile = 4, 64
+    logits = torch.rand(rows, 2 * tile, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+    logits[:, tile:] = -1.0
+    vec = 16 // logits.to(dtype).element_size() if aligned else 1
+    for lane, value in enumerate((9.0, 8.0, 7.0, 6.0)):
+        logits[:, tile + lane * vec] = value
+    logits = logits.to(dtype)
+    values, indices = _gate_tiles(emulated, logits, k, tile, aligned)
+    _check_gate(logits, k, values, indices)

@@ -9,10 +9,13 @@
 // i % 32, which keeps the worst of its slots in registers, and the warp keeps the worst of all k
 // (the threshold) and its slot. A row is read in passes of 32 lanes x kTopkLoads 16-byte loads
 // (1024 bf16 logits; scalar loads where a row is not 16-byte aligned), all in flight at once; one
-// comparison with the threshold rejects almost every logit; each survivor replaces the worst
-// slot, after which only the owning lane rescans its slots and the warp re-reduces the 32 lane
-// minima. The last tile sorts the slots (bitonic, descending) and writes values and int64
-// indices.
+// comparison with the threshold rejects almost every logit, and a pass without a survivor costs one
+// vote. A few survivors are inserted one at a time: each replaces the worst slot, after which only
+// the owning lane rescans its slots and the warp re-reduces the 32 lane minima. A pass with more
+// than kTopkMergeAt survivors (the first passes of a row, where one-at-a-time insertion would cost
+// hundreds of warp reductions) is merged at once by a warp-wide radix selection over the slots and
+// the pass (merge_pass). The last tile sorts the slots (bitonic, descending) and writes values and
+// int64 indices.
 #include <climits>
 
 #include "common.cuh"
@@ -123,14 +126,104 @@ __device__ __forceinline__ Key pick(const Key (&cand)[M], int i) {
   return out;
 }
 
+// Calls f(key, id) for every entry of the union of the running top-k (its non-empty slots) and
+// the pass's logits in range that this lane holds: cand[i] (bit i of `valid` set) is the logit of
+// expert first_id + (i / VEC) * 32 * VEC + i % VEC (lane l holds the logits base + (u * 32 + l) *
+// VEC + v of the pass as cand[u * VEC + v]).
+template <int VEC, typename Key, int M, class F>
+__device__ __forceinline__ void for_each_entry(const Key (&cand)[M], uint32_t valid, uint32_t first_id,
+                                               const Key* keys, const int32_t* ids, int k, int lane, F&& f) {
+  for (int i = lane; i < k; i += kWarp) {
+    if (ids[i] != -1) f(keys[i], static_cast<uint32_t>(ids[i]));
+  }
+#pragma unroll
+  for (int i = 0; i < M; ++i) {
+    if (valid & (1u << i)) f(cand[i], first_id + static_cast<uint32_t>((i / VEC) * kWarp * VEC + i % VEC));
+  }
+}
+
+// The running top-k becomes the top-k of itself and the whole pass at once, for a pass with many
+// candidates (the first passes of a row): radix selection of the k-th largest key over the warp (one
+// warp-wide count per key bit), then, where several entries share it, of the id that completes k;
+// the kept entries are compacted through `stage` and written back to the slots.
+template <int VEC, typename Key, int M>
+__device__ __forceinline__ void merge_pass(const Key (&cand)[M], uint32_t valid, uint32_t first_id, Key* keys,
+                                           int32_t* ids, Key* stage_keys, int32_t* stage_ids, int k, int lane) {
+  auto count = [&](auto&& pred) {
+    int n = 0;
+    for_each_entry<VEC>(cand, valid, first_id, keys, ids, k, lane,
+                        [&](Key key, uint32_t id) { n += pred(key, id) ? 1 : 0; });
+    return warp_sum(n);
+  };
+  const int entries = count([](Key, uint32_t) { return true; });
+  bool all = entries <= k;
+  Key kth = 0;
+  uint32_t kth_id = ~0u;
+  if (!all) {
+    Key prefix = 0, high = 0;
+    int above = 0;  // entries whose key is above the prefix's range
+    for (int bit = static_cast<int>(sizeof(Key)) * 8 - 1; bit >= 0; --bit) {
+      const Key m = high | (Key(1) << bit), want = prefix | (Key(1) << bit);
+      const int n = count([&](Key key, uint32_t) { return (key & m) == want; });
+      if (above + n >= k) prefix = want;
+      else above += n;
+      high = m;
+    }
+    kth = prefix;
+    const int need = k - above;  // of the entries whose key is kth, the `need` smallest ids stay
+    if (count([&](Key key, uint32_t) { return key == kth; }) > need) {
+      uint32_t id_prefix = 0, id_high = 0;
+      int below = 0;
+      for (int bit = 31; bit >= 0; --bit) {
+        const uint32_t m = id_high | (1u << bit);
+        const int n = count([&](Key key, uint32_t id) { return key == kth && (id & m) == id_prefix; });
+        if (below + n < need) {
+          below += n;
+          id_prefix |= 1u << bit;
+        }
+        id_high = m;
+      }
+      kth_id = id_prefix;
+    }
+  }
+  auto kept = [&](Key key, uint32_t id) { return all || key > kth || (key == kth && id <= kth_id); };
+
+  int mine = 0;
+  for_each_entry<VEC>(cand, valid, first_id, keys, ids, k, lane,
+                      [&](Key key, uint32_t id) { mine += kept(key, id) ? 1 : 0; });
+  int end = mine;  // inclusive prefix sum over the lanes
+#pragma unroll
+  for (int off = 1; off < kWarp; off <<= 1) {
+    const int t = __shfl_up_sync(kFullMask, end, off);
+    if (lane >= off) end += t;
+  }
+  int pos = end - mine;
+  for_each_entry<VEC>(cand, valid, first_id, keys, ids, k, lane, [&](Key key, uint32_t id) {
+    if (kept(key, id)) {
+      stage_keys[pos] = key;
+      stage_ids[pos] = static_cast<int32_t>(id);
+      ++pos;
+    }
+  });
+  const int total = __shfl_sync(kFullMask, end, kWarp - 1);  // min(entries, k)
+  __syncwarp();
+  for (int i = lane; i < k; i += kWarp) {
+    keys[i] = i < total ? stage_keys[i] : Key(0);
+    ids[i] = i < total ? stage_ids[i] : -1;
+  }
+  __syncwarp();
+}
+
 constexpr int kTopkThreadsMax = 256;
+constexpr int kTopkMergeAt = 32;  // candidates in a pass above which it is merged at once
 constexpr int kTopkLoads = 4;  // loads in flight per lane and pass
 constexpr int kTopkSmemBudget = 32 * 1024;
 
-// VEC: logits per load (16 bytes' worth, or 1 where rows are not 16-byte aligned).
+// VEC: logits per load (16 bytes' worth, or 1 where rows are not 16-byte aligned). Launched with at
+// most kTopkThreadsMax threads; no __launch_bounds__: with it ptxas (CUDA 13.0) spills where without
+// it the kernel takes at most 127 registers (two 256-thread blocks per SM) and spills nothing.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kTopkThreadsMax)
-topk_tile_kernel(const T* __restrict__ logits, int64_t rows, int64_t cols, int64_t ld, int64_t col_offset, int k,
+__global__ void topk_tile_kernel(const T* __restrict__ logits, int64_t rows, int64_t cols, int64_t ld, int64_t col_offset, int k,
                  int kpad, typename KeyOf<Acc<T>>::type* __restrict__ state_keys, int32_t* __restrict__ state_ids,
                  bool first, bool last, T* __restrict__ values, int64_t* __restrict__ indices) {
   using Key = typename KeyOf<Acc<T>>::type;
@@ -140,9 +233,12 @@ topk_tile_kernel(const T* __restrict__ logits, int64_t rows, int64_t cols, int64
   const int lane = threadIdx.x & (kWarp - 1);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * warps + warp;
   if (row >= rows) return;  // uniform across the warp; only warp-level synchronisation below
+  // Shared memory: [slot keys | staged keys] (Key) then [slot ids | staged ids] (int32), kpad per warp each.
   Key* keys = reinterpret_cast<Key*>(smem) + static_cast<int64_t>(warp) * kpad;
-  int32_t* ids = reinterpret_cast<int32_t*>(reinterpret_cast<Key*>(smem) + static_cast<int64_t>(warps) * kpad) +
+  Key* stage_keys = keys + static_cast<int64_t>(warps) * kpad;
+  int32_t* ids = reinterpret_cast<int32_t*>(reinterpret_cast<Key*>(smem) + static_cast<int64_t>(2 * warps) * kpad) +
                  static_cast<int64_t>(warp) * kpad;
+  int32_t* stage_ids = ids + static_cast<int64_t>(warps) * kpad;
 
   // Running state; an empty slot has key 0, below every relu output (whose keys are >= key(+0)).
   for (int i = lane; i < kpad; i += kWarp) {
@@ -172,8 +268,10 @@ topk_tile_kernel(const T* __restrict__ logits, int64_t rows, int64_t cols, int64
   constexpr int64_t kPass = static_cast<int64_t>(kWarp) * kPerLane;
   for (int64_t base = 0; base < cols; base += kPass) {
     // Lane l holds the logits base + (u * 32 + l) * VEC + v of load u, as cand[u * VEC + v].
+    static_assert(kPerLane <= 32, "one bit of `valid` per logit");
     Key cand[kPerLane];
-    bool any = false;
+    uint32_t valid = 0;
+    int candidates = 0;
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
       const int64_t c0 = base + static_cast<int64_t>(u * kWarp + lane) * VEC;
@@ -187,12 +285,23 @@ topk_tile_kernel(const T* __restrict__ logits, int64_t rows, int64_t cols, int64
       }
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
+        if (c0 + v < cols) valid |= 1u << (u * VEC + v);
         // Expert ids fit in 32 bits (N < 2^31 - 1).
-        any |= c0 + v < cols && ranks_above(cand[u * VEC + v], static_cast<uint32_t>(col_offset + c0 + v),
-                                            threshold, threshold_id);
+        candidates += c0 + v < cols && ranks_above(cand[u * VEC + v], static_cast<uint32_t>(col_offset + c0 + v),
+                                                   threshold, threshold_id);
       }
     }
-    if (!__any_sync(kFullMask, any)) continue;  // the common case once the threshold has risen
+    if (!__any_sync(kFullMask, candidates > 0)) continue;  // the common case once the threshold has risen
+    if (warp_sum(candidates) > kTopkMergeAt) {
+      merge_pass<VEC>(cand, valid, static_cast<uint32_t>(col_offset + base + lane * VEC), keys, ids, stage_keys,
+                      stage_ids, k, lane);
+      lane_lowest(keys, ids, k, lane, my_key, my_id, my_slot);
+      threshold = my_key;
+      threshold_id = my_id;
+      low_slot = my_slot;
+      warp_lowest(threshold, threshold_id, low_slot);
+      continue;
+    }
 
 #pragma unroll 1
     for (int i = 0; i < kPerLane; ++i) {
@@ -281,7 +390,7 @@ cudaError_t topk_gate_tile(DType dtype, const void* logits, int64_t rows, int64_
     using T = decltype(tag);
     using Key = typename KeyOf<Acc<T>>::type;
     const int kpad = next_pow2(k);
-    const int per_warp = kpad * static_cast<int>(sizeof(Key) + sizeof(int32_t));
+    const int per_warp = 2 * kpad * static_cast<int>(sizeof(Key) + sizeof(int32_t));  // slots and staging
     int warps = kTopkSmemBudget / per_warp;
     if (warps > kTopkThreadsMax / kWarp) warps = kTopkThreadsMax / kWarp;
     if (warps < 1) warps = 1;

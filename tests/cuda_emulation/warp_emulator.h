@@ -159,6 +159,14 @@ V shfl_sync(unsigned mask, V value, int src, int width = kWarpSize) {
 }
 
 template <typename V>
+V shfl_up_sync(unsigned mask, V value, unsigned delta, int width = kWarpSize) {
+  check_full(mask, "__shfl_up_sync");
+  const int lane = g_block->current % kWarpSize;
+  const int source = lane % width >= static_cast<int>(delta) ? lane - static_cast<int>(delta) : lane;
+  return exchange(value, [&](const uint64_t* lanes) { return from_bits<V>(lanes[source]); });
+}
+
+template <typename V>
 V shfl_xor_sync(unsigned mask, V value, int lane_mask, int width = kWarpSize) {
   check_full(mask, "__shfl_xor_sync");
   const int lane = g_block->current % kWarpSize;
@@ -326,6 +334,7 @@ T ldg(const T* p) {
 #define gridDim (::emu::g_grid_dim)
 #define __shfl_sync ::emu::shfl_sync
 #define __shfl_xor_sync ::emu::shfl_xor_sync
+#define __shfl_up_sync ::emu::shfl_up_sync
 #define __ballot_sync ::emu::ballot_sync
 #define __any_sync(mask, pred) (::emu::ballot_sync((mask), (pred)) != 0u)
 #define __all_sync(mask, pred) (::emu::ballot_sync((mask), (pred)) == (mask))
