@@ -187,12 +187,14 @@ def test_topk_gate_tile_ties_nan_and_zeros(emulated, dtype, aligned):
     assert indices[2, :5].tolist() == [0, 1, 2, 3, 4]
 
 
-def test_topk_gate_tile_largest_k_with_padding_slots(emulated):
-    """k not a power of two near the in-kernel limit's scale (kpad = 256 slots, 1 warp per block
-    where shared memory allows fewer)."""
-    logits = _logits(3, 700, torch.float64, seed=5, levels=4)
-    values, indices = _gate_tiles(emulated, logits, 200, 512, aligned=True)
-    _check_gate(logits, 200, values, indices)
+@pytest.mark.parametrize("dtype,k,n", [(torch.float64, 200, 700), (torch.float32, 1024, 1100),
+                                       (torch.float64, 1024, 1030)], ids=["200-of-700", "1024-of-1100", "1024-of-1030"])
+def test_topk_gate_tile_large_k(emulated, dtype, k, n):
+    """k up to the in-kernel limit (1024), not always a power of two: padding slots, one or two warps
+    per block where shared memory allows no more."""
+    logits = _logits(3, n, dtype, seed=k, levels=4)
+    values, indices = _gate_tiles(emulated, logits, k, 512, aligned=True)
+    _check_gate(logits, k, values, indices)
 
 
 # ---- gather_combine.cu and mxd_decode.cu ---------------------------------------------------
