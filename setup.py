@@ -41,6 +41,17 @@ def _set_cuda_home() -> None:
         os.environ["CUDA_HOME"] = root
 
 
+def _extension_helpers():
+    """mxd_fast/_extension.py loaded on its own (the package itself imports torch and its ops)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mxd_fast_extension_helpers",
+                                                  os.path.join("mxd_fast", "_extension.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def cuda_extension():
     try:
         import torch
@@ -54,10 +65,12 @@ def cuda_extension():
     if CUDA_HOME is None:
         return [], {}
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
-    # the architectures the kernels are compiled for, read by mxd_fast.backend to refuse other GPUs clearly
+    # the architectures the kernels are compiled for, read by mxd_fast.backend to refuse other GPUs clearly,
+    # and the sources' digest, by which `python -m mxd_fast.info` tells a build older than its sources
     with open(os.path.join("mxd_fast", "_cuda_build.py"), "w") as f:
         f.write('"""Written by setup.py when it builds mxd_fast._C_cuda."""\n'
-                f'ARCH_LIST = {os.environ["TORCH_CUDA_ARCH_LIST"]!r}\n')
+                f'ARCH_LIST = {os.environ["TORCH_CUDA_ARCH_LIST"]!r}\n'
+                f'SOURCE_SHA256 = {_extension_helpers().csrc_digest(os.path.abspath("csrc"))!r}\n')
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
     if not sources:
         return [], {}

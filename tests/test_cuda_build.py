@@ -113,3 +113,37 @@ def test_bindings_pass_a_syntax_check():
     assert {name for name, _, _ in results} >= {f"{op}.cpp" for op in OPS} | {"registration.cpp"}
     failed = [log for _, ok, log in results if not ok]
     assert not failed, "\n".join(failed)
+
+
+def test_a_build_older_than_its_sources_is_reported(tmp_path, monkeypatch):
+    """setup.py records a digest of csrc/ in mxd_fast/_cuda_build.py; a checkout whose sources changed
+    since is reported as stale (by `python -m mxd_fast.info`, and to the GPU script, which rebuilds)."""
+    import types
+
+    import mxd_fast
+    from mxd_fast import _extension, info
+
+    src = tmp_path / "csrc"
+    (src / "cuda").mkdir(parents=True)
+    (src / "a.cpp").write_text("int a;")
+    (src / "cuda" / "k.cu").write_text("int k;")
+    (src / "notes.md").write_text("not a source")
+    digest = _extension.csrc_digest(src)
+    assert digest == _extension.csrc_digest(src) and len(digest) == 64
+    (src / "notes.md").write_text("still not a source")
+    assert _extension.csrc_digest(src) == digest
+    (src / "cuda" / "k.cu").write_text("int k2;")
+    assert _extension.csrc_digest(src) != digest
+    assert _extension.csrc_digest(tmp_path / "missing") is None
+
+    current = _extension.csrc_digest(CSRC)
+    for recorded, stale in ((current, False), ("0" * 64, True), (None, None)):
+        record = types.ModuleType("mxd_fast._cuda_build")
+        record.ARCH_LIST = "9.0a"
+        if recorded is not None:
+            record.SOURCE_SHA256 = recorded
+        monkeypatch.setitem(sys.modules, "mxd_fast._cuda_build", record)
+        monkeypatch.setattr(mxd_fast, "_cuda_build", record, raising=False)
+        assert _extension.cuda_build_is_stale() is stale
+        monkeypatch.setattr(_extension, "cuda_ops_loaded", lambda: True)
+        assert ("built from older sources" in info.report()) == bool(stale)
