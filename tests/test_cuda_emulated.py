@@ -240,8 +240,9 @@ def _poisoned(*shape, dtype, stride=None):
     return full[:, :shape[1]]
 
 
-PATHS = [(40, None), (37, None), (40, 56)]  # vector; scalar (D % 8 != 0); vector with strided rows
-PATH_IDS = ["vector", "scalar", "strided"]
+# vector; scalar (D % 8 != 0); vector with strided rows; vector with the columns split over warps
+PATHS = [(40, None), (37, None), (40, 56), (520, None)]
+PATH_IDS = ["vector", "scalar", "strided", "wide"]
 DTYPE_IDS = lambda d: str(d).removeprefix("torch.")  # noqa: E731
 
 
