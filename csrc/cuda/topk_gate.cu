@@ -145,7 +145,7 @@ __device__ __forceinline__ void for_each_entry(const Key (&cand)[M], uint32_t va
 // The running top-k becomes the top-k of itself and the whole pass at once, for a pass with many
 // candidates (the first passes of a row): radix selection of the k-th largest key over the warp (one
 // warp-wide count per key bit), then, where several entries share it, of the id that completes k;
-// the kept entries are compacted through `stage` and written back to the slots.
+// the kept entries are compacted into the staging slots and copied back.
 template <int VEC, typename Key, int M>
 __device__ __forceinline__ void merge_pass(const Key (&cand)[M], uint32_t valid, uint32_t first_id, Key* keys,
                                            int32_t* ids, Key* stage_keys, int32_t* stage_ids, int k, int lane) {
