@@ -80,6 +80,19 @@ def test_topk_gate_nan_is_largest_and_ties_are_exact():
     torch.testing.assert_close(values[1:2, 1:], ref.values[:, 1:], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("B", [5, 3000], ids=["one_tile", "several_tiles"])
+def test_topk_gate_ties_keep_the_earlier_expert(B):
+    """Logits that are the bias exactly (x = 0), with many ties and negative values (relu'd to 0): the
+    CUDA kernel ranks by (value, expert id), so its indices are exactly the stable descending order."""
+    N, k = 5000, 600  # about 555 experts share the largest value, the rest of the k the next
+    bias = torch.randint(-3, 6, (N,), generator=_gen(11)).double().to(DEV)  # ties at every value
+    x, w = torch.zeros(B, 8, device=DEV), _randn(N, 8, seed=12)
+    values, indices = mxd_fast.topk_gate(x, w, bias.float(), k)
+    order = torch.sort(-bias.relu().cpu(), stable=True).indices[:k]
+    assert torch.equal(indices.cpu(), order.expand(B, k))
+    assert torch.equal(values.cpu().double(), bias.relu().cpu()[order].expand(B, k))
+
+
 def test_topk_gate_backward_relu_mask_and_determinism():
     x, w, b = _randn(513, 20, seed=6), _randn(90, 20, seed=7), _randn(90, seed=8)
     w[7] = 5 * w[7].abs()  # a hot expert selected by many rows
