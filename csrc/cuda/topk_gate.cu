@@ -223,9 +223,11 @@ constexpr int kTopkSmemBudget = 32 * 1024;
 // most kTopkThreadsMax threads; no __launch_bounds__: with it ptxas (CUDA 13.0) spills where without
 // it the kernel takes at most 127 registers (two 256-thread blocks per SM) and spills nothing.
 template <typename T, int VEC>
-__global__ void topk_tile_kernel(const T* __restrict__ logits, int64_t rows, int64_t cols, int64_t ld, int64_t col_offset, int k,
-                 int kpad, typename KeyOf<Acc<T>>::type* __restrict__ state_keys, int32_t* __restrict__ state_ids,
-                 bool first, bool last, T* __restrict__ values, int64_t* __restrict__ indices) {
+__global__ void topk_tile_kernel(const T* __restrict__ logits, int64_t rows, int64_t cols, int64_t ld,
+                                 int64_t col_offset, int k, int kpad,
+                                 typename KeyOf<Acc<T>>::type* __restrict__ state_keys,
+                                 int32_t* __restrict__ state_ids, bool first, bool last, T* __restrict__ values,
+                                 int64_t* __restrict__ indices) {
   using Key = typename KeyOf<Acc<T>>::type;
   extern __shared__ __align__(16) unsigned char smem[];
   const int warps = blockDim.x / kWarp;
@@ -266,9 +268,9 @@ __global__ void topk_tile_kernel(const T* __restrict__ logits, int64_t rows, int
   constexpr int kLoads = VEC == 1 ? 2 * kTopkLoads : kTopkLoads;  // scalar loads: more of them
   constexpr int kPerLane = kLoads * VEC;
   constexpr int64_t kPass = static_cast<int64_t>(kWarp) * kPerLane;
+  static_assert(kPerLane <= 32, "one bit of `valid` per logit");
   for (int64_t base = 0; base < cols; base += kPass) {
     // Lane l holds the logits base + (u * 32 + l) * VEC + v of load u, as cand[u * VEC + v].
-    static_assert(kPerLane <= 32, "one bit of `valid` per logit");
     Key cand[kPerLane];
     uint32_t valid = 0;
     int candidates = 0;
