@@ -55,8 +55,12 @@ def emulated(tmp_path_factory):
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if include is None or cxx is None:
         pytest.skip("needs the CUDA toolkit's headers and a C++ compiler")
-    out = tmp_path_factory.mktemp("cuda_emulation")
-    for path in KERNEL_DIR.iterdir():
+    return build_emulated(tmp_path_factory.mktemp("cuda_emulation"), KERNEL_DIR, include, cxx)
+
+
+def build_emulated(out: Path, kernel_dir: Path, include: Path, cxx: str) -> ctypes.CDLL:
+    """Compiles the harnesses against rewritten copies of kernel_dir's sources into out; loads them."""
+    for path in kernel_dir.iterdir():
         if path.suffix in (".cu", ".cuh", ".h"):
             text = emulated_source(path.read_text())
             assert "<<<" not in text, f"{path.name}: a launch the rewrite missed"

@@ -10,8 +10,9 @@
 // (the threshold) and its slot. A row is read in passes of 32 lanes x kTopkLoads 16-byte loads
 // (1024 bf16 logits; scalar loads where a row is not 16-byte aligned), all in flight at once; one
 // comparison with the threshold rejects almost every logit, and a pass without a survivor costs one
-// vote. A few survivors are inserted one at a time: each replaces the worst slot, after which only
-// the owning lane rescans its slots and the warp re-reduces the 32 lane minima. A pass with more
+// vote. A few survivors are inserted one at a time, one vote finding each: it replaces the worst slot,
+// after which only the owning lane rescans its slots, the warp re-reduces the 32 lane minima and
+// every lane drops the survivors the risen threshold now rejects. A pass with more
 // than kTopkMergeAt survivors (the first passes of a row, where one-at-a-time insertion would cost
 // hundreds of warp reductions) is merged at once by a warp-wide radix selection over the slots and
 // the pass (merge_pass). The last tile sorts the slots (bitonic, descending) and writes values and
@@ -126,10 +127,27 @@ __device__ __forceinline__ Key pick(const Key (&cand)[M], int i) {
   return out;
 }
 
+// Offset of lane's cand[i] from the pass's first expert: lane l holds the logits base + (u * 32 + l) *
+// VEC + v of the pass as cand[u * VEC + v].
+template <int VEC>
+__device__ __forceinline__ uint32_t entry_offset(int lane, int i) {
+  return static_cast<uint32_t>(((i / VEC) * kWarp + lane) * VEC + i % VEC);
+}
+
+// Bit i set where cand[i] (expert first_id + entry_offset(0, i)) ranks above (key, id).
+template <int VEC, typename Key, int M>
+__device__ __forceinline__ uint32_t above_mask(const Key (&cand)[M], uint32_t first_id, Key key, uint32_t id) {
+  uint32_t mask = 0;
+#pragma unroll
+  for (int i = 0; i < M; ++i) {
+    if (ranks_above(cand[i], first_id + entry_offset<VEC>(0, i), key, id)) mask |= 1u << i;
+  }
+  return mask;
+}
+
 // Calls f(key, id) for every entry of the union of the running top-k (its non-empty slots) and
 // the pass's logits in range that this lane holds: cand[i] (bit i of `valid` set) is the logit of
-// expert first_id + (i / VEC) * 32 * VEC + i % VEC (lane l holds the logits base + (u * 32 + l) *
-// VEC + v of the pass as cand[u * VEC + v]).
+// expert first_id + entry_offset(0, i), first_id being this lane's first.
 template <int VEC, typename Key, int M, class F>
 __device__ __forceinline__ void for_each_entry(const Key (&cand)[M], uint32_t valid, uint32_t first_id,
                                                const Key* keys, const int32_t* ids, int k, int lane, F&& f) {
@@ -138,7 +156,7 @@ __device__ __forceinline__ void for_each_entry(const Key (&cand)[M], uint32_t va
   }
 #pragma unroll
   for (int i = 0; i < M; ++i) {
-    if (valid & (1u << i)) f(cand[i], first_id + static_cast<uint32_t>((i / VEC) * kWarp * VEC + i % VEC));
+    if (valid & (1u << i)) f(cand[i], first_id + entry_offset<VEC>(0, i));
   }
 }
 
@@ -272,8 +290,7 @@ __global__ void topk_tile_kernel(const T* __restrict__ logits, int64_t rows, int
   for (int64_t base = 0; base < cols; base += kPass) {
     // Lane l holds the logits base + (u * 32 + l) * VEC + v of load u, as cand[u * VEC + v].
     Key cand[kPerLane];
-    uint32_t valid = 0;
-    int candidates = 0;
+    uint32_t valid = 0;  // bit i: cand[i] is in range
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
       const int64_t c0 = base + static_cast<int64_t>(u * kWarp + lane) * VEC;
@@ -288,15 +305,14 @@ __global__ void topk_tile_kernel(const T* __restrict__ logits, int64_t rows, int
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
         if (c0 + v < cols) valid |= 1u << (u * VEC + v);
-        // Expert ids fit in 32 bits (N < 2^31 - 1).
-        candidates += c0 + v < cols && ranks_above(cand[u * VEC + v], static_cast<uint32_t>(col_offset + c0 + v),
-                                                   threshold, threshold_id);
       }
     }
-    if (!__any_sync(kFullMask, candidates > 0)) continue;  // the common case once the threshold has risen
-    if (warp_sum(candidates) > kTopkMergeAt) {
-      merge_pass<VEC>(cand, valid, static_cast<uint32_t>(col_offset + base + lane * VEC), keys, ids, stage_keys,
-                      stage_ids, k, lane);
+    // Expert ids fit in 32 bits (N < 2^31 - 1).
+    const uint32_t first_id = static_cast<uint32_t>(col_offset + base + lane * VEC);
+    uint32_t pending = valid & above_mask<VEC>(cand, first_id, threshold, threshold_id);  // candidates
+    if (!__any_sync(kFullMask, pending != 0)) continue;  // the common case once the threshold has risen
+    if (warp_sum(__popc(pending)) > kTopkMergeAt) {
+      merge_pass<VEC>(cand, valid, first_id, keys, ids, stage_keys, stage_ids, k, lane);
       lane_lowest(keys, ids, k, lane, my_key, my_id, my_slot);
       threshold = my_key;
       threshold_id = my_id;
@@ -305,30 +321,28 @@ __global__ void topk_tile_kernel(const T* __restrict__ logits, int64_t rows, int
       continue;
     }
 
-#pragma unroll 1
-    for (int i = 0; i < kPerLane; ++i) {
-      const int u = i / VEC, v = i % VEC;
-      const Key mine = pick(cand, i);
-      const int64_t c = base + static_cast<int64_t>(u * kWarp + lane) * VEC + v;
-      unsigned pending = __ballot_sync(
-          kFullMask, c < cols && ranks_above(mine, static_cast<uint32_t>(col_offset + c), threshold, threshold_id));
-      while (pending != 0) {
-        const int from = __ffs(pending) - 1;
-        pending &= pending - 1;
-        const Key key = __shfl_sync(kFullMask, mine, from);
-        const uint32_t id = static_cast<uint32_t>(col_offset + base + static_cast<int64_t>(u * kWarp + from) * VEC + v);
-        if (ranks_above(key, id, threshold, threshold_id)) {  // the threshold may have risen since the ballot
-          if (lane == (low_slot & (kWarp - 1))) {
-            keys[low_slot] = key;
-            ids[low_slot] = static_cast<int32_t>(id);
-            lane_lowest(keys, ids, k, lane, my_key, my_id, my_slot);
-          }
-          threshold = my_key;
-          threshold_id = my_id;
-          low_slot = my_slot;
-          warp_lowest(threshold, threshold_id, low_slot);
-        }
+    // A few candidates, one at a time in any order (the ranking is total): a vote finds a lane with one,
+    // two shuffles broadcast it; each insertion raises the threshold, and every lane drops the
+    // candidates that no longer rank above it without communicating.
+    for (;;) {
+      const unsigned lanes = __ballot_sync(kFullMask, pending != 0);
+      if (lanes == 0) break;
+      const int from = __ffs(lanes) - 1;
+      const int i = __shfl_sync(kFullMask, __ffs(pending) - 1, from);
+      if (lane == from) pending &= pending - 1;
+      const Key key = __shfl_sync(kFullMask, pick(cand, i), from);
+      const uint32_t id = static_cast<uint32_t>(col_offset + base) + entry_offset<VEC>(from, i);
+      if (!ranks_above(key, id, threshold, threshold_id)) continue;
+      if (lane == (low_slot & (kWarp - 1))) {
+        keys[low_slot] = key;
+        ids[low_slot] = static_cast<int32_t>(id);
+        lane_lowest(keys, ids, k, lane, my_key, my_id, my_slot);
       }
+      threshold = my_key;
+      threshold_id = my_id;
+      low_slot = my_slot;
+      warp_lowest(threshold, threshold_id, low_slot);
+      pending &= above_mask<VEC>(cand, first_id, threshold, threshold_id);
     }
   }
 

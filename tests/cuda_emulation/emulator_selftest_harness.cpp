@@ -33,3 +33,11 @@ extern "C" int emu_selftest(int which, const int* in, int* out, int blocks, int 
   emu::Launcher(blocks, threads)(kernels[which], in, out);
   return emu::end_call(cudaGetLastError(), error, error_bytes);
 }
+
+// Warp collectives (shuffles, votes) executed since the last reset: a count of the warp-synchronous
+// steps a kernel's logic takes, for comparing kernels on the CPU (not a time).
+extern "C" uint64_t emu_collective_count(int reset) {
+  const uint64_t n = emu::g_collectives;
+  if (reset) emu::g_collectives = 0;
+  return n;
+}

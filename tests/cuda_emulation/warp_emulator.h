@@ -63,6 +63,7 @@ inline uint3 g_thread_idx, g_block_idx;
 inline dim3 g_block_dim, g_grid_dim;
 inline std::function<void()> g_kernel_call;
 inline std::string g_error;  // the first error of the last launch
+inline uint64_t g_collectives = 0;  // warp collectives executed (counted once per warp)
 
 // Fiber stacks, reused by every block (allocated once, never zero-filled: untouched pages cost nothing).
 inline char* fiber_stack(int thread) {
@@ -133,6 +134,7 @@ template <typename V, typename Read>
 auto exchange(V value, Read read) {
   static_assert(sizeof(V) <= sizeof(uint64_t), "emulated shuffles carry at most 8 bytes");
   const int tid = g_block->current;
+  if (tid % kWarpSize == 0) ++g_collectives;
   uint64_t& slot = g_block->exchange[tid];
   slot = 0;
   std::memcpy(&slot, &value, sizeof(V));
