@@ -93,29 +93,9 @@ __device__ __forceinline__ void lane_lowest(const Key* keys, const int32_t* ids,
   }
 }
 
-template <typename T>
-__device__ __forceinline__ typename KeyOf<Acc<T>>::type logit_key(T v) {
-  return order_key(relu(to_acc(v)));
-}
-
-// Word i of a 16-byte vector (i a compile-time constant after unrolling).
-__device__ __forceinline__ uint32_t word(const uint4& raw, int i) {
-  return i == 0 ? raw.x : i == 1 ? raw.y : i == 2 ? raw.z : raw.w;
-}
-
-// Element v of a 16-byte vector of T, unpacked in registers.
-template <typename T> __device__ __forceinline__ T element(const uint4& raw, int v);
-template <> __device__ __forceinline__ float element<float>(const uint4& raw, int v) {
-  return __uint_as_float(word(raw, v));
-}
-template <> __device__ __forceinline__ double element<double>(const uint4& raw, int v) {
-  return __hiloint2double(static_cast<int>(word(raw, 2 * v + 1)), static_cast<int>(word(raw, 2 * v)));
-}
-template <> __device__ __forceinline__ __half element<__half>(const uint4& raw, int v) {
-  return __ushort_as_half(static_cast<unsigned short>(word(raw, v / 2) >> (16 * (v % 2))));
-}
-template <> __device__ __forceinline__ __nv_bfloat16 element<__nv_bfloat16>(const uint4& raw, int v) {
-  return __ushort_as_bfloat16(static_cast<unsigned short>(word(raw, v / 2) >> (16 * (v % 2))));
+template <typename A>
+__device__ __forceinline__ typename KeyOf<A>::type logit_key(A v) {
+  return order_key(relu(v));
 }
 
 // cand[i] for a runtime i, by selection in registers (indexing would put cand in local memory).
@@ -295,12 +275,13 @@ __global__ void topk_tile_kernel(const T* __restrict__ logits, int64_t rows, int
     for (int u = 0; u < kLoads; ++u) {
       const int64_t c0 = base + static_cast<int64_t>(u * kWarp + lane) * VEC;
       if (VEC > 1 && c0 + VEC <= cols) {
-        const uint4 raw = *reinterpret_cast<const uint4*>(src + c0);
+        Acc<T> vals[VEC];
+        VecIO<T, VEC>::load(src + c0, vals);
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) cand[u * VEC + v] = logit_key(element<T>(raw, v));
+        for (int v = 0; v < VEC; ++v) cand[u * VEC + v] = logit_key(vals[v]);
       } else {
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) cand[u * VEC + v] = c0 + v < cols ? logit_key(src[c0 + v]) : Key(0);
+        for (int v = 0; v < VEC; ++v) cand[u * VEC + v] = c0 + v < cols ? logit_key(to_acc(src[c0 + v])) : Key(0);
       }
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
@@ -322,8 +303,8 @@ __global__ void topk_tile_kernel(const T* __restrict__ logits, int64_t rows, int
     }
 
     // A few candidates, one at a time in any order (the ranking is total): a vote finds a lane with one,
-    // two shuffles broadcast it; each insertion raises the threshold, and every lane drops the
-    // candidates that no longer rank above it without communicating.
+    // two shuffles broadcast it; each insertion raises the threshold, and every lane then drops the
+    // candidates that no longer rank above it without communicating, so every one offered is inserted.
     for (;;) {
       const unsigned lanes = __ballot_sync(kFullMask, pending != 0);
       if (lanes == 0) break;
@@ -332,7 +313,6 @@ __global__ void topk_tile_kernel(const T* __restrict__ logits, int64_t rows, int
       if (lane == from) pending &= pending - 1;
       const Key key = __shfl_sync(kFullMask, pick(cand, i), from);
       const uint32_t id = static_cast<uint32_t>(col_offset + base) + entry_offset<VEC>(from, i);
-      if (!ranks_above(key, id, threshold, threshold_id)) continue;
       if (lane == (low_slot & (kWarp - 1))) {
         keys[low_slot] = key;
         ids[low_slot] = static_cast<int32_t>(id);
