@@ -6,9 +6,9 @@
 // another. A warp collective (__shfl*_sync, __ballot_sync, __any_sync, __syncwarp) and
 // __syncthreads are barriers: a fiber arriving at one yields until every live thread of its warp
 // (block) has arrived. Dynamic shared memory is filled with a garbage pattern before each block,
-// so that reading it before writing it shows. A collective over an incomplete warp, a barrier no
-// thread can pass (a deadlock) and a kernel that reads shared memory past its launch size are
-// reported as errors instead of hanging.
+// so that reading it before writing it shows. A collective over an incomplete warp and a barrier no
+// thread can pass (a deadlock) are reported as errors instead of hanging. Out-of-bounds accesses are
+// not checked.
 //
 // Kernel sources are used unchanged but for two textual rewrites done by the test that compiles
 // them (tests/test_cuda_emulated.py): `kernel<<<grid, block, smem, stream>>>(args)` becomes
@@ -73,9 +73,6 @@ inline char* fiber_stack(int thread) {
 }
 
 inline Fiber& self() { return g_block->fibers[g_block->current]; }
-inline int linear_tid(const uint3& t) {
-  return static_cast<int>(t.x + g_block_dim.x * (t.y + g_block_dim.y * t.z));
-}
 inline int warp_of(int tid) { return tid / kWarpSize; }
 
 // Stops the calling fiber for good after an error; the scheduler ends the launch.
@@ -106,10 +103,14 @@ inline void warp_barrier() {
   }
 }
 
+inline void release_block() {
+  for (Fiber& f : g_block->fibers) f.waiting = false;
+  g_block->block_arrived = 0;
+}
+
 inline void block_barrier() {
   if (++g_block->block_arrived == g_block->block_live) {
-    for (Fiber& f : g_block->fibers) f.waiting = false;
-    g_block->block_arrived = 0;
+    release_block();
   } else {
     self().waiting = true;
     yield();
@@ -201,10 +202,7 @@ inline void fiber_main() {
   const int w = warp_of(b.current);
   // Threads that exit no longer hold back their warp's or block's barrier.
   if (--b.warp_live[w] > 0 && b.warp_arrived[w] == b.warp_live[w]) release_warp(w);
-  if (--b.block_live > 0 && b.block_arrived == b.block_live) {
-    for (Fiber& g : b.fibers) g.waiting = false;
-    b.block_arrived = 0;
-  }
+  if (--b.block_live > 0 && b.block_arrived == b.block_live) release_block();
   _longjmp(b.scheduler, 1);
 }
 
