@@ -7,8 +7,9 @@
 # $WHEELS on an offline machine; $CORPUS (a folder of text) replaces the default corpus when it is absent;
 # TRAIN_K (default 16,32,64), TRAIN_JOBS (6), TRAIN_TOKENS and EVAL_TOKENS size it.
 # 1. versions and device; the CUDA extension (a prebuilt mxd_fast/_C_cuda*.so is used when it imports
-#    and its mxd_fast/_cuda_build.py records a digest of these csrc/ sources, else it is built); 2. the test suite on the GPU (every backend, outputs poisoned), then the GPU-only
-#    scale tests (paper shapes in bf16, offsets past 2^31); 3. the benchmarks the kernels are held to
+#    and its mxd_fast/_cuda_build.py records a digest of these csrc/ sources, else it is built);
+#    2. the test suite on the GPU (every backend, outputs poisoned), then the GPU-only scale tests
+#    (paper shapes in bf16, offsets past 2^31); 3. the benchmarks the kernels are held to
 #    (paper shapes, bf16, side by side); 4. with the time left, the paper's smaller shapes, the Triton
 #    decode's epilogue variants, the Triton gate's configurations and splits, Triton autotuning, more
 #    shapes, and the K and N sweeps with their plot.
