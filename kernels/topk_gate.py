@@ -24,9 +24,10 @@ largest key: the threshold. Per tile:
      and relu's zeros stop competing once a row holds k of them); a tile in which no row of the
      block has a candidate costs nothing more;
   2. rounds (the steady state, few candidates): as many as the largest candidate count of a row
-     in the block; a round finds each row's largest remaining candidate with two int32 max
-     reductions (value bits, then the largest column holding them), puts it in the slot of the
-     row's minimum key if it beats it, and retires it from the tile;
+     in the block, at most k (candidates go in largest first, so no row inserts more); a round
+     finds each row's largest remaining candidate with two int32 max reductions (value bits, then
+     the largest column holding them), puts it in the slot of the row's minimum key if it beats
+     it, and retires it from the tile;
   3. with FULL_MERGE (a configuration option, for small k: it needs the tile as int64 keys in
      registers) a tile with more than FULL_MERGE_AT candidates (the first tiles of a chunk) is
      merged at once: tl.topk of the tile's candidates (sorted), the running set sorted, and their
@@ -140,7 +141,9 @@ def _topk_gate_fwd_kernel(
         # Candidates keep their bits, the rest become -1. A logit equal to the threshold value may
         # be dropped: between equal values any of them is fine.
         bits = tl.where(bits > thr[:, None], bits, -1)
-        count = tl.max(tl.sum((bits >= 0).to(tl.int32), axis=1), axis=0)
+        # Candidates are inserted largest first, so a row inserts at most K of a tile: after K, the
+        # set holds K of the tile's larger candidates, and every later one ranks below them.
+        count = tl.minimum(tl.max(tl.sum((bits >= 0).to(tl.int32), axis=1), axis=0), K)
         if count > 0:
             if FULL_MERGE and count > FULL_MERGE_AT:
                 key = (bits.to(tl.int64) << 32) | cols.to(tl.int64)[None, :]
