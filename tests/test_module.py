@@ -130,17 +130,22 @@ def test_wrong_input_width():
         _layer()(torch.randn(3, 11, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("backward_inside", [False, True])
 @pytest.mark.parametrize("compile_backend", [None, "aot_eager", "inductor"])
-def test_autocast_bf16(compile_backend):
-    """Under torch.autocast the ops cast to the autocast dtype; fp32 weights get fp32 gradients."""
+def test_autocast_bf16(compile_backend, backward_inside):
+    """Under torch.autocast the ops cast to the autocast dtype; fp32 weights get fp32 gradients, also
+    when backward() runs inside the autocast region (the backward ops then must not autocast inside)."""
     torch._dynamo.reset()
     layer = _layer(glu=True).float()
     x = torch.randn(4, 6, 12)
     fn = layer if compile_backend is None else torch.compile(layer, backend=compile_backend, fullgraph=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = fn(x)
+        if backward_inside:
+            y.float().square().sum().backward()
     assert y.dtype == torch.bfloat16
-    y.float().square().sum().backward()
+    if not backward_inside:
+        y.float().square().sum().backward()
     fast = {n: p.grad.clone() for n, p in layer.named_parameters()}
     layer.zero_grad()
     y_ref = reference.mxd_forward(layer, x)

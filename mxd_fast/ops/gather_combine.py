@@ -102,6 +102,7 @@ def _backward(ctx, grad_y):
 
 _gather_combine_op.register_autograd(_backward, setup_context=_setup_context)
 _autocast.register("gather_combine")
+_autocast.register("gather_combine_backward", cast=False)
 
 
 def gather_combine(weight: Tensor, values: Tensor, indices: Tensor) -> Tensor:

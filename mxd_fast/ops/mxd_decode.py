@@ -129,6 +129,7 @@ def _backward(ctx, grad_y):
 
 _mxd_decode_op.register_autograd(_backward, setup_context=_setup_context)
 _autocast.register("mxd_decode")
+_autocast.register("mxd_decode_backward", cast=False)
 
 
 def mxd_decode(z: Tensor, decoder: Tensor, experts: Tensor, values: Tensor, indices: Tensor,

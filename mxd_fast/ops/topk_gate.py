@@ -142,6 +142,7 @@ def _backward(ctx, grad_values, grad_indices):
 
 _topk_gate_op.register_autograd(_backward, setup_context=_setup_context)
 _autocast.register("topk_gate")
+_autocast.register("topk_gate_backward", cast=False)
 
 
 def topk_gate(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int) -> tuple[Tensor, Tensor]:
