@@ -114,6 +114,49 @@ def test_torch_compile_fullgraph_matches_eager(compile_backend):
         torch.testing.assert_close(grads[name], p.grad, msg=name)
 
 
+def _grads(layer, loss_fn):
+    layer.zero_grad()
+    loss_fn().backward()
+    return {n: p.grad.clone() for n, p in layer.named_parameters()}
+
+
+def test_torch_compile_dynamic_shapes():
+    """One compiled graph with a symbolic batch size serves several sizes, gradients included."""
+    torch._dynamo.reset()
+    layer = _layer(glu=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=True)
+    for rows in (3, 5, 11):
+        x = torch.randn(rows, 12, dtype=torch.float64)
+        fast = _grads(layer, lambda: compiled(x).square().sum())
+        eager = _grads(layer, lambda: layer(x).square().sum())
+        torch.testing.assert_close(compiled(x), layer(x))
+        for name in fast:
+            torch.testing.assert_close(fast[name], eager[name], msg=name)
+
+
+def test_activation_checkpointing():
+    layer = _layer(skip=True)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    ckpt = _grads(layer, lambda: torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False).square().sum())
+    plain = _grads(layer, lambda: layer(x).square().sum())
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], msg=name)
+
+
+def test_vmap_matches_the_batched_call():
+    layer = _layer()
+    x = torch.randn(3, 4, 12, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.vmap(layer)(x), layer(x))
+
+
+def test_second_order_gradients_raise():
+    layer = _layer()
+    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="mxd_fast"):
+        gx.sum().backward()
+
+
 @pytest.mark.parametrize("kwargs,error", [
     (dict(k=0), ValueError), (dict(k=41), ValueError), (dict(k=2.0), TypeError), (dict(d_in=0), ValueError),
     (dict(activation="tanh"), ValueError), (dict(n_experts=True), TypeError),
