@@ -135,7 +135,9 @@ def placeholder(like: torch.Tensor) -> torch.Tensor:
 def autocasting(t) -> bool:
     """True under torch.autocast for t's device: the op casts its inputs, so mixed dtypes are fine
     until then (the op itself validates after the cast)."""
-    return isinstance(t, torch.Tensor) and torch.is_autocast_enabled(t.device.type)
+    if not isinstance(t, torch.Tensor) or t.device.type not in ("cpu", "cuda", "xpu", "hpu", "mps"):
+        return False  # e.g. meta tensors: no autocast for them
+    return torch.is_autocast_enabled(t.device.type)
 
 
 def flatten_leading(t: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +21,9 @@ ACTIVATIONS = {
 
 
 def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return value
@@ -40,9 +42,9 @@ class MxD(nn.Module):
     def __init__(self, d_in: int, d_hidden: int, d_out: int, n_experts: int, k: int, activation: str = "gelu",
                  glu: bool = False, skip: bool = False, device=None, dtype=None):
         super().__init__()
-        for name, value in (("d_in", d_in), ("d_hidden", d_hidden), ("d_out", d_out), ("n_experts", n_experts),
-                            ("k", k)):
-            _positive_int(name, value)
+        d_in, d_hidden, d_out, n_experts, k = (
+            _positive_int(name, value) for name, value in (("d_in", d_in), ("d_hidden", d_hidden), ("d_out", d_out),
+                                                           ("n_experts", n_experts), ("k", k)))
         if k > n_experts:
             raise ValueError(f"k must satisfy 1 <= k <= n_experts = {n_experts}, got k = {k}")
         if activation not in ACTIVATIONS:

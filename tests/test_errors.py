@@ -78,6 +78,30 @@ def test_mxd_decode_errors(over, error, name):
         torch.ops.mxd_fast.mxd_decode(*decode_args(**over).values())
 
 
+def test_integer_like_k_is_accepted():
+    """numpy integers (e.g. read from a config) work as k; the result is the int's."""
+    import numpy as np
+
+    args = gate_args()
+    want = mxd_fast.topk_gate(**args)
+    got = mxd_fast.topk_gate(**{**args, "k": np.int64(3)})
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    layer = mxd_fast.MxD(np.int32(6), np.int64(5), 4, np.int64(10), np.int64(3))
+    assert layer.k == 3 and type(layer.k) is int and layer(torch.randn(2, 6)).shape == (2, 4)
+
+
+def test_meta_tensors_give_shapes():
+    """Meta tensors (shape inference, deferred initialisation) go through the ops' fake kernels."""
+    meta = dict(device="meta")
+    values, indices = mxd_fast.topk_gate(torch.empty(2, 5, 6, **meta), torch.empty(10, 6, **meta), None, 3)
+    assert values.shape == indices.shape == (2, 5, 3) and values.is_meta and indices.dtype == torch.int64
+    y = mxd_fast.gather_combine(torch.empty(10, 4, **meta), values, indices)
+    assert y.shape == (2, 5, 4) and y.is_meta
+    layer = mxd_fast.MxD(6, 5, 4, 10, 3, device="meta")
+    y = layer(torch.empty(7, 6, **meta))
+    assert y.shape == (7, 4) and y.is_meta
+
+
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend"):
         with mxd_fast.use_backend("fastest"):

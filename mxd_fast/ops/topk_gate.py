@@ -6,6 +6,7 @@ streams over tiles of rows and experts and keeps a running top-k.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -152,6 +153,8 @@ def topk_gate(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int) -> tupl
     Returns values [..., k] in x's dtype and indices [..., k] (int64). Between equal values any of
     the tied experts may be chosen. Differentiable in x, weight and bias through values.
     """
+    if isinstance(k, numbers.Integral) and not isinstance(k, bool):
+        k = int(k)  # numpy integers too
     if not autocasting(x):
         _validate(x, weight, bias, k)
     return torch.ops.mxd_fast.topk_gate(x, weight, bias, k)
