@@ -340,9 +340,18 @@ def _resolve(args) -> argparse.Namespace:
             setattr(args, key, value)
     if args.out is None:
         args.out = os.path.join("runs", args.arch)
-    for name in ("k", "tokens", "batch", "context", "buffer", "harvest_contexts"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("k", "tokens", "batch", "context", "buffer", "harvest_contexts", "experts", "hidden", "log_every"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("warmup", "eval_tokens"):
+        value = getattr(args, name, None)
+        if value is not None and value < 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if not args.lr > 0:
+        raise SystemExit(f"--lr must be > 0, got {args.lr}")
+    if args.budget is not None and not args.budget > 0:
+        raise SystemExit(f"--budget must be > 0, got {args.budget}")
     if args.time_limit is not None and not args.time_limit > 0:
         raise SystemExit(f"--time-limit must be > 0 seconds, got {args.time_limit}")
     return args

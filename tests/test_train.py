@@ -414,6 +414,16 @@ def test_time_limit_ends_the_run_at_a_logging_window_and_evaluates_it(tiny, tmp_
         T.main(_args(tiny, out, "--time-limit", "0"))
 
 
+@pytest.mark.parametrize("option,value", [
+    ("--experts", "0"), ("--hidden", "0"), ("--k", "0"), ("--lr", "-1"), ("--lr", "0"), ("--warmup", "-1"),
+    ("--eval-tokens", "-5"), ("--budget", "0"), ("--log-every", "0"),
+])
+def test_bad_options_exit_naming_the_option(tiny, tmp_path, option, value):
+    """Checked before the model loads: an explicit 0 is not read as "the default"."""
+    with pytest.raises(SystemExit, match=option):
+        T.main(_args(tiny, tmp_path / "bad", option, value))
+
+
 def test_resume_equals_uninterrupted_run(tiny, tmp_path):
     from safetensors.torch import load_file
     full, part = tmp_path / "full", tmp_path / "part"
