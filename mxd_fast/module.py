@@ -1,7 +1,6 @@
 """The MxD layer: y = (a C) * (z D) + b, with z = phi(x E + b_e) and a = TopK(relu(x G^T + b_g))."""
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
@@ -129,4 +128,8 @@ def mxd_experts_for_budget(d_in: int, d_hidden: int, d_out: int, transcoder_widt
     given width (encoder [d_in, width] + bias, decoder [width, d_out] + bias)."""
     transcoder = d_in * transcoder_width + transcoder_width + transcoder_width * d_out + d_out
     dense = d_in * d_hidden + d_hidden + d_hidden * d_out + d_out
-    return max(1, math.floor((transcoder - dense) / (d_in + 1 + d_out)))
+    n = (transcoder - dense) // (d_in + 1 + d_out)
+    if n < 1:
+        raise ValueError(f"transcoder_width = {transcoder_width} leaves no expert: such a transcoder has {transcoder} "
+                         f"parameters, MxD's dense part alone {dense}")
+    return n

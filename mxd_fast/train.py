@@ -36,7 +36,7 @@ from . import harvest as H
 from . import reference
 from .backend import use_backend
 from .evaluate import SplicedMLP, ZeroMLP, evaluate, splice_layer, spliced
-from .module import MxD, mxd_experts_for_budget
+from .module import MxD
 from .transcoder import TopKTranscoder
 
 ARCHS = ("mxd", "transcoder", "skip-transcoder")
@@ -82,11 +82,8 @@ def size_for_budget(arch: str, transcoder_width: int, d_in: int, d_hidden: int, 
                     activation: str = "gelu", glu: bool = False, k: int = 1) -> int:
     """Experts (mxd) or latents (transcoders) such that the layer has about the parameters of a TopK
     transcoder of `transcoder_width` latents (at most that many)."""
-    if arch == "mxd" and not glu:
-        n = mxd_experts_for_budget(d_in, d_hidden, d_out, transcoder_width)
-    else:
-        fixed, per = _fixed_and_per_unit(arch, d_in, d_hidden, d_out, activation, glu)
-        n = (budget_parameters(d_in, d_out, transcoder_width) - fixed) // per
+    fixed, per = _fixed_and_per_unit(arch, d_in, d_hidden, d_out, activation, glu)
+    n = (budget_parameters(d_in, d_out, transcoder_width) - fixed) // per
     if n < k:
         raise ValueError(f"a budget of a width-{transcoder_width} transcoder leaves {max(n, 0)} "
                          f"{'experts' if arch == 'mxd' else 'latents'} for {arch}, fewer than k = {k}: raise --budget")
@@ -131,6 +128,8 @@ def load_layer(path, device="cpu", dtype=None) -> nn.Module:
     `splice_layer(model, config['model']['layer'], layer)`."""
     from safetensors.torch import load_file
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no run folder or {LAYER_FILE} at {path}")
     folder = path if path.is_dir() else path.parent
     spec = dict(json.loads((folder / CONFIG_FILE).read_text())["layer"])
     layer = build_layer(spec.pop("arch"), **spec, device="meta")

@@ -95,6 +95,8 @@ def test_parameter_budget_matches_paper():
     # the paper's N for GPT-2 (21,490) and Pythia-1.4B (57,330), within the count of the biases
     assert abs(mxd_fast.mxd_experts_for_budget(768, 3072, 768, 24576) - 21490) < 20
     assert abs(mxd_fast.mxd_experts_for_budget(2048, 8192, 2048, 65536) - 57330) < 20
+    with pytest.raises(ValueError, match="transcoder_width"):     # the dense part alone is larger
+        mxd_fast.mxd_experts_for_budget(768, 3072, 768, 10)
 
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])

@@ -343,6 +343,8 @@ def test_save_load_round_trip(tmp_path, arch):
     torch.testing.assert_close(loaded(x), layer(x), rtol=0, atol=0)
     assert json.loads((tmp_path / "config.json").read_text())["note"] == 1
     assert T.load_layer(tmp_path / "layer.safetensors").k == 3
+    with pytest.raises(FileNotFoundError, match="no run folder"):
+        T.load_layer(tmp_path / "missing")
 
 
 def test_atomic_save_leaves_old_file_on_failure(tmp_path, monkeypatch):
