@@ -84,7 +84,10 @@ def select_jobs(args, device_type: str) -> list[Job]:
         if op not in C.OPS:
             raise SystemExit(f"unknown op {op!r}; known: {', '.join(C.OPS)}")
     if args.shapes:
-        shapes = S.resolve(S.split_specs(args.shapes), device_type)
+        try:
+            shapes = S.resolve(S.split_specs(args.shapes), device_type)
+        except ValueError as e:
+            raise SystemExit(f"--shapes: {e}") from None
         jobs = [Job(op, mode, s) for s in shapes for op in (ops or C.OPS) for mode in C.modes_for(op)]
     else:
         jobs = [j for j in default_jobs(device_type, args.quick) if ops is None or j.op in ops]

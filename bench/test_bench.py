@@ -292,8 +292,9 @@ def test_group_shares_inputs_and_interleaves():
 
 
 def test_cli_rejects_unknown_names():
-    for argv in (["--ops", "nope"], ["--providers", "nope"], ["--modes", "nope"]):
-        with pytest.raises(SystemExit):
+    for argv in (["--ops", "nope"], ["--providers", "nope"], ["--modes", "nope"], ["--shapes", "nope"],
+                 ["--shapes", "tiny:K=0"]):
+        with pytest.raises(SystemExit, match=argv[0].lstrip("-") if argv[0] == "--shapes" else ""):
             cli.main(["--device", "cpu", "--quick", *argv])
 
 
