@@ -19,8 +19,8 @@ class TopKTranscoder(nn.Module):
 
     def __init__(self, d_in: int, width: int, d_out: int, k: int, skip: bool = False, device=None, dtype=None):
         super().__init__()
-        for name, value in (("d_in", d_in), ("width", width), ("d_out", d_out), ("k", k)):
-            _positive_int(name, value)
+        d_in, width, d_out, k = (_positive_int(name, value) for name, value in
+                                 (("d_in", d_in), ("width", width), ("d_out", d_out), ("k", k)))
         if k > width:
             raise ValueError(f"k must satisfy 1 <= k <= width = {width}, got k = {k}")
         factory = {"device": device, "dtype": dtype}

@@ -88,6 +88,8 @@ def test_integer_like_k_is_accepted():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     layer = mxd_fast.MxD(np.int32(6), np.int64(5), 4, np.int64(10), np.int64(3))
     assert layer.k == 3 and type(layer.k) is int and layer(torch.randn(2, 6)).shape == (2, 4)
+    transcoder = mxd_fast.TopKTranscoder(np.int64(6), np.int32(10), 4, np.int64(3))
+    assert type(transcoder.k) is int and transcoder(torch.randn(2, 6)).shape == (2, 4)
 
 
 def test_meta_tensors_give_shapes():
