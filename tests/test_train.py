@@ -426,6 +426,17 @@ def test_bad_options_exit_naming_the_option(tiny, tmp_path, option, value):
         T.main(_args(tiny, tmp_path / "bad", option, value))
 
 
+def test_compile_trains_like_eager(tiny, tmp_path):
+    """--compile (torch.compile of the training forward, the ops included) gives eager's losses."""
+    torch._dynamo.reset()
+    args = ("--eval-tokens", "0", "--seed", "5")
+    eager = T.main(_args(tiny, tmp_path / "eager", *args))
+    compiled = T.main(_args(tiny, tmp_path / "compiled", *args, "--compile"))
+    assert compiled["tokens"] == eager["tokens"]
+    for key in ("loss", "nmse"):
+        assert math.isclose(compiled[key], eager[key], rel_tol=1e-4), key
+
+
 def test_resume_equals_uninterrupted_run(tiny, tmp_path):
     from safetensors.torch import load_file
     full, part = tmp_path / "full", tmp_path / "part"
