@@ -135,9 +135,8 @@ def placeholder(like: torch.Tensor) -> torch.Tensor:
 def autocasting(t) -> bool:
     """True under torch.autocast for t's device: the op casts its inputs, so mixed dtypes are fine
     until then (the op itself validates after the cast)."""
-    if not isinstance(t, torch.Tensor) or t.device.type not in ("cpu", "cuda", "xpu", "hpu", "mps"):
-        return False  # e.g. meta tensors: no autocast for them
-    return torch.is_autocast_enabled(t.device.type)
+    return (isinstance(t, torch.Tensor) and torch.amp.is_autocast_available(t.device.type)   # not meta
+            and torch.is_autocast_enabled(t.device.type))
 
 
 def flatten_leading(t: torch.Tensor) -> torch.Tensor:

@@ -427,16 +427,18 @@ def _seed_all(seed: int) -> None:
 
 
 def _init_distributed(device_name: str):
+    """(rank, world size, local rank, whether this call started the process group)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    started = world > 1 and not dist.is_initialized()
+    if started:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         use_cuda = device_name != "cpu" and torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if use_cuda else "gloo")
     if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-    return 0, 1, 0
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())), started
+    return 0, 1, 0, False
 
 
 def train_step(forward: nn.Module, layer: nn.Module, optimizer, scheduler, x: Tensor, y: Tensor):
@@ -543,9 +545,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = _resolve(build_parser().parse_args(argv))
     if args.threads:
         torch.set_num_threads(args.threads)
-    owns_group = dist.is_available() and not dist.is_initialized()
-    rank, world, local_rank = _init_distributed(args.device)
-    owns_group = owns_group and dist.is_initialized()   # started here, so ended here
+    rank, world, local_rank, owns_group = _init_distributed(args.device)
     log = _Log(rank, args.quiet)
     device = _device(args.device, local_rank)
     out = Path(args.out)
@@ -791,13 +791,17 @@ def _summary(m: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
+def exit_without_shutdown() -> None:
+    """End a process of a distributed run once everything is written, skipping the interpreter's
+    shutdown: with gloo, a worker thread left joinable there aborts the process ("terminate called
+    without an active exception") in about one run in five, which torchrun reports as a failed rank."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     main()
     if distributed:
-        # Everything is written. Skip the interpreter's shutdown: with gloo, a worker thread left
-        # joinable there aborts the process ("terminate called without an active exception") in about
-        # one run in five, which torchrun would report as a failed rank.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        exit_without_shutdown()

@@ -25,14 +25,6 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available")
 
 
-def _exit_worker() -> None:
-    """End a worker that succeeded without the interpreter's shutdown, where gloo aborts about one
-    process in five ("terminate called without an active exception"); the trainer does the same."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def _layer(arch: str):
     torch.manual_seed(0)
     layer = T.build_layer(arch, 12, 10, 3, 23, d_hidden=16, activation="gelu", glu=arch == "mxd")
@@ -70,7 +62,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-    _exit_worker()
+    T.exit_without_shutdown()   # a worker that succeeded
 
 
 def test_ddp_gradients_equal_single_process(tmp_path):
@@ -208,7 +200,7 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         torch.save(results, os.path.join(out_dir, f"fsdp-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-    _exit_worker()
+    T.exit_without_shutdown()   # a worker that succeeded
 
 
 def _reference_steps(arch: str, dtype: torch.dtype):
