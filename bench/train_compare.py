@@ -5,10 +5,11 @@ and equal K):
     python -m bench.train_compare --k 16,32,64 --archs mxd,transcoder --jobs 2 --out runs/compare \\
         -- --tokens 20000000 --budget 32
 
-Everything after `--` goes to every `python -m mxd_fast.train` run unchanged (model, layer, tokens,
-budget, ...); each run gets its own folder `<out>/<arch>-k<K>` and its own log. --jobs runs several
-trainings at once (one device is often far from busy with one small layer). The table is printed and
-written to `<out>/compare.md` and `<out>/compare.json`; runs that failed are listed with their log's tail.
+Everything after `--` goes to every `python -m mxd_fast.train` run (model, layer, tokens, budget, ...),
+except the MxD-only options (--hidden, --activation, --glu), which go to the MxD runs only. Each run gets
+its own folder `<out>/<arch>-k<K>` and its own log. --jobs runs several trainings at once (one device is
+often far from busy with one small layer). The table is printed and written to `<out>/compare.md` and
+`<out>/compare.json`; runs that failed are listed with their log's tail.
 """
 from __future__ import annotations
 
@@ -56,7 +57,26 @@ def _run_dir(out: Path, arch: str, k: int) -> Path:
     return out / f"{arch}-k{k}"
 
 
+MXD_ONLY = ("--hidden", "--activation", "--glu")   # the trainer refuses them for the transcoders
+
+
+def args_for_arch(train_args: list[str], arch: str) -> list[str]:
+    """The training options with the MxD-only ones (and their values) left out for the other archs."""
+    if arch == "mxd":
+        return list(train_args)
+    kept, skip = [], False
+    for a in train_args:
+        if skip:
+            skip = False
+        elif a in MXD_ONLY:
+            skip = True
+        elif not a.startswith(tuple(f + "=" for f in MXD_ONLY)):
+            kept.append(a)
+    return kept
+
+
 def _launch(out: Path, arch: str, k: int, train_args: list[str]) -> tuple[subprocess.Popen, Path]:
+    train_args = args_for_arch(train_args, arch)
     folder = _run_dir(out, arch, k)
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "train.log"

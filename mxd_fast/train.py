@@ -40,6 +40,9 @@ from .module import MxD
 from .transcoder import TopKTranscoder
 
 ARCHS = ("mxd", "transcoder", "skip-transcoder")
+# Options a resumed run must share with the run that wrote its checkpoint.
+RUN_OPTIONS = ("model", "layer", "arch", "k", "experts", "budget", "hidden", "activation", "glu", "batch", "lr",
+               "warmup", "normalize", "dtype", "model_dtype", "context", "buffer", "harvest_contexts", "text", "seed")
 PARALLEL = ("ddp", "fsdp")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 LAYER_FILE, CONFIG_FILE, METRICS_FILE = "layer.safetensors", "config.json", "metrics.json"
@@ -353,7 +356,35 @@ def _resolve(args) -> argparse.Namespace:
         raise SystemExit(f"--budget must be > 0, got {args.budget}")
     if args.time_limit is not None and not args.time_limit > 0:
         raise SystemExit(f"--time-limit must be > 0 seconds, got {args.time_limit}")
+    if args.arch != "mxd":
+        for name, unset in (("hidden", None), ("activation", None), ("glu", "auto")):
+            if getattr(args, name) != unset:
+                raise SystemExit(f"--{name} sets the MxD layer; it does not apply to --arch {args.arch}")
+    _check_device(args.device)
+    if args.model is not None and not os.path.exists(os.path.expanduser(args.model)) and _is_local_path(args.model):
+        raise SystemExit(f"--model: no file or folder {args.model}")
     return args
+
+
+def _is_local_path(name: str) -> bool:
+    """True if `name` can only be a local path (a hub name is 'model' or 'owner/model')."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.endswith(".gguf")
+            or name.count("/") > 1 or os.sep != "/" and os.sep in name)
+
+
+def _check_device(name: str) -> None:
+    if name == "auto":
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise SystemExit(f"--device: {name!r} is not a device ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {name}: no CUDA device is available (torch {torch.__version__}"
+                             f"{', built without CUDA' if torch.version.cuda is None else ''})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SystemExit(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _device(name: str, local_rank: int) -> torch.device:
@@ -557,7 +588,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise SystemExit(f"--batch {args.batch} must be a multiple of the number of ranks ({world})")
     rank_batch = args.batch // world
     steps = max(1, args.tokens // args.batch)
-    warmup = args.warmup if args.warmup is not None else max(1, min(5000, steps // 10))
+    ckpt_path = out / f"checkpoint-rank{rank}.pt"
+    resume_state = None
+    if args.resume:
+        if not ckpt_path.exists():
+            raise SystemExit(f"--resume: no checkpoint {ckpt_path}")
+        resume_state = torch.load(ckpt_path, map_location=device, weights_only=False)
+    if args.warmup is not None:
+        warmup = args.warmup
+    elif resume_state is not None and "warmup" in resume_state:
+        warmup = resume_state["warmup"]   # the run's own warm-up, even if --tokens grew
+    else:
+        warmup = max(1, min(5000, steps // 10))
     _seed_all(args.seed)
 
     # model, data
@@ -615,22 +657,25 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     history: list = []
     acc = {"loss": 0.0, "err": 0.0, "energy": 0.0, "l0": 0.0, "n": 0}
     step, scales = 0, None
-    ckpt_path = out / f"checkpoint-rank{rank}.pt"
-    if args.resume:
-        if not ckpt_path.exists():
-            raise SystemExit(f"--resume: no checkpoint {ckpt_path}")
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        saved = (state.get("world", world), state.get("fsdp", False))
+    if resume_state is not None:
+        saved = (resume_state.get("world", world), resume_state.get("fsdp", False))
         if saved != (world, sharded):
             raise SystemExit(f"--resume: {ckpt_path} was written by {saved[0]} rank(s)"
                              f"{' with --parallel fsdp' if saved[1] else ''}; resume the same way")
-        load_local_state(layer, optimizer, state["layer"], state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        buffer.load_state_dict(state["buffer"])
-        stats.load_state_dict(state["stats"])
-        torch.set_rng_state(state["rng"])
-        step, history, acc = int(state["step"]), list(state["history"]), dict(state["acc"])
-        scales = tuple(state["scales"])
+        before = resume_state.get("args", {})
+        changed = [f"--{key.replace('_', '-')} {before[key]!r} -> {getattr(args, key)!r}"
+                   for key in RUN_OPTIONS if key in before and before[key] != getattr(args, key)]
+        if changed:
+            raise SystemExit(f"--resume: {ckpt_path} was trained with other options ({'; '.join(changed)}); "
+                             "resume with the same ones (--tokens may grow)")
+        load_local_state(layer, optimizer, resume_state["layer"], resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        buffer.load_state_dict(resume_state["buffer"])
+        stats.load_state_dict(resume_state["stats"])
+        torch.set_rng_state(resume_state["rng"])
+        step, history, acc = int(resume_state["step"]), list(resume_state["history"]), dict(resume_state["acc"])
+        scales = tuple(resume_state["scales"])
+        del resume_state
         log(f"resumed from {ckpt_path} at step {step}")
 
     def checkpoint():
@@ -639,7 +684,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                      "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "buffer": buffer.state_dict(),
                      "stats": stats.state_dict(), "rng": torch.get_rng_state(), "history": history, "acc": acc,
                      "scales": (x_scale, y_scale),
-                     "args": vars(args)}, ckpt_path)
+                     "warmup": warmup, "args": vars(args)}, ckpt_path)
 
     t_train = time.perf_counter()
     start_step, harvest_s0 = step, buffer.harvest_seconds

@@ -426,6 +426,23 @@ def test_bad_options_exit_naming_the_option(tiny, tmp_path, option, value):
         T.main(_args(tiny, tmp_path / "bad", option, value))
 
 
+@pytest.mark.parametrize("option,value,message", [
+    ("--device", "foo", "is not a device"), ("--device", "cuda:999", "CUDA device"),
+    ("--model", "/no/such/model", "no file or folder"), ("--model", "./missing", "no file or folder"),
+    ("--model", "missing.gguf", "no file or folder"),
+])
+def test_bad_device_or_model_exit_before_loading(tiny, tmp_path, option, value, message):
+    with pytest.raises(SystemExit, match=f"{option}.*{message}"):
+        T.main(_args(tiny, tmp_path / "bad", option, value))
+
+
+@pytest.mark.parametrize("arch", ["transcoder", "skip-transcoder"])
+@pytest.mark.parametrize("option,value", [("--hidden", "16"), ("--activation", "relu"), ("--glu", "no")])
+def test_mxd_only_options_are_refused_for_the_transcoders(tiny, tmp_path, arch, option, value):
+    with pytest.raises(SystemExit, match=f"{option} sets the MxD layer; it does not apply to --arch {arch}"):
+        T.main(_args(tiny, tmp_path / "bad", "--arch", arch, option, value))
+
+
 def test_compile_trains_like_eager(tiny, tmp_path):
     """--compile (torch.compile of the training forward, the ops included) gives eager's losses."""
     torch._dynamo.reset()
@@ -455,6 +472,16 @@ def test_resume_equals_uninterrupted_run(tiny, tmp_path):
     assert [h["loss"] for h in ha] == [h["loss"] for h in hb]
 
 
+def test_resume_refuses_other_options_and_may_train_longer(tiny, tmp_path):
+    out = tmp_path / "run"
+    args = ("--eval-tokens", "0", "--seed", "3")
+    T.main(_args(tiny, out, *args, "--stop-after", "7"))
+    for option, value in (("--k", "3"), ("--lr", "1e-3"), ("--batch", "24"), ("--seed", "4"), ("--layer", "0")):
+        with pytest.raises(SystemExit, match=f"--resume: .* other options \\({option} "):
+            T.main(_args(tiny, out, *args, "--resume", option, value))
+    assert T.main(_args(tiny, out, *args, "--resume", "--tokens", "1200"))["tokens"] == 1200
+
+
 def test_train_compare_runs_each_arch_and_k_and_tables_them(tiny, tmp_path, capsys):
     from bench import train_compare as TC
     args = [a for a in _args(tiny, tmp_path, "--threads", "1") if a != "--quiet"]
@@ -463,7 +490,9 @@ def test_train_compare_runs_each_arch_and_k_and_tables_them(tiny, tmp_path, caps
     i = args.index("--out")
     del args[i:i + 2]
     out = tmp_path / "compare"
-    assert TC.main(["--k", "2,4", "--archs", "mxd,transcoder", "--jobs", "2", "--out", str(out), "--", *args]) == 0
+    # MxD-only options go to the MxD runs only (the trainer refuses them for a transcoder)
+    assert TC.main(["--k", "2,4", "--archs", "mxd,transcoder", "--jobs", "2", "--out", str(out), "--", *args,
+                    "--glu", "yes", "--hidden=64"]) == 0
     data = json.loads((out / "compare.json").read_text())
     assert [(r["arch"], r["k"]) for r in data["rows"]] == [("mxd", 2), ("transcoder", 2), ("mxd", 4),
                                                             ("transcoder", 4)]
