@@ -134,6 +134,11 @@ def load_layer(path, device="cpu", dtype=None) -> nn.Module:
     if not path.exists():
         raise FileNotFoundError(f"no run folder or {LAYER_FILE} at {path}")
     folder = path if path.is_dir() else path.parent
+    for name in (LAYER_FILE, CONFIG_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} is not a run folder: it has no {name}"
+                                    + ("" if (folder / LAYER_FILE).exists() else " (training writes the layer at "
+                                       "its end; a stopped run has only its checkpoint: --resume it)"))
     spec = dict(json.loads((folder / CONFIG_FILE).read_text())["layer"])
     layer = build_layer(spec.pop("arch"), **spec, device="meta")
     state = load_file(str(folder / LAYER_FILE), device=str(device))

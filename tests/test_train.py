@@ -345,6 +345,9 @@ def test_save_load_round_trip(tmp_path, arch):
     assert T.load_layer(tmp_path / "layer.safetensors").k == 3
     with pytest.raises(FileNotFoundError, match="no run folder"):
         T.load_layer(tmp_path / "missing")
+    (tmp_path / "stopped").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a run folder: it has no layer.safetensors .*--resume"):
+        T.load_layer(tmp_path / "stopped")
 
 
 def test_atomic_save_leaves_old_file_on_failure(tmp_path, monkeypatch):
