@@ -145,3 +145,14 @@ def test_poison_outputs_reaches_the_extension_environment(monkeypatch):
         assert os.environ["MXD_FAST_POISON"] == "1"
         assert torch.isnan(new_empty((3,), torch.float32, torch.device("cpu"))).all()
     assert "MXD_FAST_POISON" not in os.environ
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda: mxd_fast.topk_gate(**gate_args(x=torch.randn(4, 6).to_sparse())), "x"),
+    (lambda: mxd_fast.topk_gate(**gate_args(weight=torch.randn(10, 6).to_sparse())), "weight"),
+    (lambda: mxd_fast.gather_combine(**gc_args(values=torch.randn(4, 3).to_sparse())), "values"),
+    (lambda: mxd_fast.mxd_decode(**decode_args(experts=torch.randn(10, 5).to_sparse())), "experts"),
+])
+def test_sparse_tensors_are_refused_by_name(call, name):
+    with pytest.raises(TypeError, match=f"{name} must be a dense \\(strided\\) tensor"):
+        call()

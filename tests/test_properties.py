@@ -1,5 +1,6 @@
 """Property-based tests: random shapes, dtypes, k, leading dims and strides; every backend present
 agrees with the reference on values and gradients. Bounded draws keep the run within minutes."""
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -39,6 +40,18 @@ def _tensors(problem, device):
 @given(problem=problems())
 @PROFILE
 def test_layer_matches_reference(backend, device, problem):
+    _check_layer(problem, device)
+
+
+@pytest.mark.parametrize("I,H,O", [(0, 6, 4), (8, 0, 4), (8, 6, 0), (0, 0, 0)])
+def test_zero_width_features_match_reference(backend, device, I, H, O):
+    """An empty input, hidden or output width: the gate sees only its bias, z @ decoder is zero, or
+    every output and its gradient are empty."""
+    for seed in range(3):
+        _check_layer(((2, 3), I, H, O, 9, 3, torch.float64, False, True, seed), device)
+
+
+def _check_layer(problem, device):
     k, dtype = problem[5], problem[6]
     t = _tensors(problem, device)
     leaves = {n: v.clone().requires_grad_() for n, v in t.items() if v is not None}

@@ -13,8 +13,8 @@ _GATHER_BUDGET = 1 << 22
 
 def gather_combine(table: torch.Tensor, coeffs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """out[b] = sum_j coeffs[b, j] * table[indices[b, j]]: an embedding-bag. [B, K] -> [B, D]."""
-    if indices.shape[0] == 0:
-        return table.new_zeros(0, table.shape[1])
+    if indices.shape[0] == 0 or table.shape[1] == 0:
+        return table.new_zeros(indices.shape[0], table.shape[1])
     return F.embedding_bag(indices, table, per_sample_weights=coeffs.contiguous(), mode="sum")
 
 
@@ -33,8 +33,8 @@ def gathered_dot(table: torch.Tensor, indices: torch.Tensor, dense: torch.Tensor
     """out[b, j] = <dense[b], table[indices[b, j]]>. [B, K] -> [B, K]: the product dense @ table.T
     sampled at the K selected entries of each row (a CSR-masked GEMM)."""
     B, K = indices.shape
-    if B == 0:
-        return dense.new_zeros(0, K)
+    if B == 0 or table.shape[1] == 0:
+        return dense.new_zeros(B, K)
     if dense.device.type != "cpu":
         return _gathered_dot_chunked(table, indices, dense)
     dtype = _sparse_dtype(dense.dtype)
@@ -64,7 +64,7 @@ def scatter_rows(indices: torch.Tensor, coeffs: torch.Tensor, dense: torch.Tenso
     index_add_ (deterministic=False, faster)."""
     B, K = indices.shape
     D = dense.shape[1]
-    if B == 0:
+    if B == 0 or D == 0:
         return dense.new_zeros(n_rows, D)
     if dense.device.type != "cpu":
         return _scatter_rows_chunked(indices, coeffs, dense, n_rows, deterministic)

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from .._utils import (autocasting, check_float, check_index, check_tensor, maybe_check_index_range,
-                      placeholder)
+from .._utils import (autocasting, check_float, check_index, check_tensor, flatten_leading,
+                      maybe_check_index_range, placeholder)
 from . import _autocast, _sparse
 from ._dispatch import kernel
 
@@ -72,7 +72,7 @@ def _gather_combine_backward_op(grad_y: Tensor, weight: Tensor, values: Tensor, 
                                 need_weight: bool, need_values: bool) -> tuple[Tensor, Tensor]:
     v, i = flat_selection("gather_combine", values, indices, weight.shape[0], "weight")
     backward = kernel("gather_combine", "backward", weight.device, gather_combine_torch_backward)
-    dweight, dvalues = backward(grad_y.reshape(-1, weight.shape[1]), weight, v, i,
+    dweight, dvalues = backward(flatten_leading(grad_y), weight, v, i,
                                 need_weight, need_values, _backend.deterministic())
     return (dweight if need_weight else placeholder(weight),
             dvalues.reshape(values.shape) if need_values else placeholder(weight))

@@ -89,7 +89,7 @@ def _mxd_decode_backward_op(grad_y: Tensor, z: Tensor, decoder: Tensor, experts:
                             need_values: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     v, i = flat_selection("mxd_decode", values, indices, experts.shape[0], "experts")
     backward = kernel("mxd_decode", "backward", z.device, mxd_decode_torch_backward)
-    grads = backward(grad_y.reshape(-1, decoder.shape[1]), flatten_leading(z), decoder, experts, v, i,
+    grads = backward(flatten_leading(grad_y), flatten_leading(z), decoder, experts, v, i,
                      need_z, need_decoder, need_experts, need_values, need_bias, _backend.deterministic())
     dz, ddecoder, dexperts, dvalues, dbias = grads
     return (dz.reshape(z.shape) if need_z else placeholder(z),
