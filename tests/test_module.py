@@ -200,3 +200,75 @@ def test_autocast_bf16(compile_backend, backward_inside):
         assert fast[name].dtype == torch.float32, name
         scale = p.grad.abs().max().item() + 1e-6
         torch.testing.assert_close(fast[name], p.grad, rtol=0.1, atol=0.1 * scale, msg=name)
+
+
+def _cuda_backend_or_skip(name):
+    from mxd_fast.backend import unavailable_reason
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    reason = unavailable_reason(name, torch.device("cuda"))
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def _cuda_layer():
+    return _layer(d_in=64, d_hidden=96, d_out=48, n_experts=300, k=8).float().cuda()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["torch", "triton", "cuda"])
+def test_cuda_graph_replays_a_training_step(name, monkeypatch):
+    """A forward + backward captured in a CUDA graph (index checks on every call, which capture skips)
+    replays to eager's outputs and gradients on new inputs."""
+    import copy
+    _cuda_backend_or_skip(name)
+    monkeypatch.setenv("MXD_FAST_CHECK_INDICES", "always")
+    layer = _cuda_layer()
+    static_x = torch.randn(37, 64, device="cuda")
+    with mxd_fast.use_backend(name):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):                   # warm-up (autotuning, first-call checks) off the graph
+            for _ in range(3):
+                layer.zero_grad(set_to_none=True)
+                layer(static_x).square().sum().backward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        layer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            static_y = layer(static_x)
+            static_y.square().sum().backward()
+        for seed in range(2):
+            x = torch.randn(37, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+            static_x.copy_(x)
+            graph.replay()
+            eager = copy.deepcopy(layer)
+            eager.zero_grad(set_to_none=True)
+            y = eager(x)
+            y.square().sum().backward()
+            torch.testing.assert_close(static_y, y)
+            for (name_, p), q in zip(layer.named_parameters(), eager.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, msg=name_)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["torch", "triton", "cuda"])
+def test_compile_reduce_overhead_matches_eager(name):
+    """torch.compile(mode="reduce-overhead") (inductor with CUDA graphs) gives eager's outputs and gradients."""
+    _cuda_backend_or_skip(name)
+    torch._dynamo.reset()
+    layer = _cuda_layer()
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    with mxd_fast.use_backend(name):
+        for seed in range(4):
+            x = torch.randn(37, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+            layer.zero_grad(set_to_none=True)
+            y = compiled(x)
+            y.square().sum().backward()
+            got = [y.detach().clone()] + [p.grad.clone() for p in layer.parameters()]
+            layer.zero_grad(set_to_none=True)
+            y = layer(x)
+            y.square().sum().backward()
+            want = [y.detach()] + [p.grad for p in layer.parameters()]
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b)
