@@ -90,3 +90,25 @@ def test_gradcheck():
     weight, values, indices = _inputs((2, 3), 7, 4, 3, torch.float64, "cpu", seed=4, repeat=True)
     assert torch.autograd.gradcheck(lambda w, v: mxd_fast.gather_combine(w, v, indices),
                                     (weight.requires_grad_(), values.requires_grad_()))
+
+
+def test_unchecked_out_of_range_indices_contribute_zero(backend, device):
+    """Where the op skips its range check (CUDA after the first call), every backend's kernels take an
+    out-of-range index as contributing nothing, forward and backward, and never fault on it."""
+    from mxd_fast.ops._dispatch import kernel
+    from mxd_fast.ops.gather_combine import gather_combine_torch_backward, gather_combine_torch_forward
+    weight, values, indices = _inputs((9,), 12, 7, 4, torch.float32, device, seed=4)
+    bad = torch.zeros_like(indices, dtype=torch.bool)
+    bad[0, 1] = bad[3, 0] = bad[5, 3] = bad[8, 2] = True
+    indices = indices.masked_scatter(bad, torch.tensor([-1, 12, 1000, -5000], device=device))
+    kept = values.masked_fill(bad, 0)    # the reference: the same selection without those entries
+    safe = indices.masked_fill(bad, 0)
+    forward = kernel(OP, "forward", device, gather_combine_torch_forward)
+    backward = kernel(OP, "backward", device, gather_combine_torch_backward)
+    torch.testing.assert_close(forward(weight, values, indices), reference.gather_combine(weight, kept, safe))
+    dy = torch.randn(9, 7, device=device)
+    dweight, dvalues = backward(dy, weight, values, indices, True, True, True)
+    w, v = weight.clone().requires_grad_(), kept.clone().requires_grad_()
+    reference.gather_combine(w, v, safe).backward(dy)
+    torch.testing.assert_close(dweight, w.grad)
+    torch.testing.assert_close(dvalues, v.grad.masked_fill(bad, 0))

@@ -75,3 +75,26 @@ def test_gradcheck():
     z, decoder, experts, values, indices, b = _inputs((2, 3), 4, 5, 8, 3, torch.float64, "cpu", seed=3)
     leaves = tuple(t.requires_grad_() for t in (z, decoder, experts, values, b))
     assert torch.autograd.gradcheck(lambda z, d, e, v, b: mxd_fast.mxd_decode(z, d, e, v, indices, b), leaves)
+
+
+def test_unchecked_out_of_range_indices_contribute_zero(backend, device):
+    """As for gather_combine: an out-of-range index that reaches the kernels contributes nothing."""
+    from mxd_fast.ops._dispatch import kernel
+    from mxd_fast.ops.mxd_decode import mxd_decode_torch_backward, mxd_decode_torch_forward
+    z, decoder, experts, values, indices, b = _inputs((9,), 5, 7, 12, 4, torch.float32, device, seed=4)
+    bad = torch.zeros_like(indices, dtype=torch.bool)
+    bad[0, 1] = bad[3, 0] = bad[8, 2] = True
+    indices = indices.masked_scatter(bad, torch.tensor([-1, 12, 1000], device=device))
+    kept, safe = values.masked_fill(bad, 0), indices.masked_fill(bad, 0)
+    forward = kernel(OP, "forward", device, mxd_decode_torch_forward)
+    backward = kernel(OP, "backward", device, mxd_decode_torch_backward)
+    torch.testing.assert_close(forward(z, decoder, experts, values, indices, b),
+                               reference.mxd_decode(z, decoder, experts, kept, safe, b))
+    dy = torch.randn(9, 7, device=device)
+    got = backward(dy, z, decoder, experts, values, indices, True, True, True, True, True, True)
+    leaves = [t.clone().requires_grad_() for t in (z, decoder, experts, kept, b)]
+    reference.mxd_decode(*leaves[:4], safe, leaves[4]).backward(dy)
+    want = [t.grad for t in leaves]
+    want[3] = want[3].masked_fill(bad, 0)
+    for name, g, w in zip(("dz", "ddecoder", "dexperts", "dvalues", "dbias"), got, want):
+        torch.testing.assert_close(g, w, msg=name)

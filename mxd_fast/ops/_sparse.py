@@ -11,6 +11,15 @@ import torch.nn.functional as F
 _GATHER_BUDGET = 1 << 22
 
 
+def in_range(coeffs: torch.Tensor, indices: torch.Tensor, n_rows: int):
+    """(coeffs, indices, valid) with each selection outside [0, n_rows) moved to row 0 with coefficient
+    0. Such indices reach the kernels where the ops skip their range check (CUDA, after the first
+    call), and ATen's gathers and scatters would fault on them; this way they contribute zero
+    (unless row 0 holds Inf or NaN: the Triton and CUDA kernels never read such a row at all)."""
+    valid = (indices >= 0) & (indices < n_rows)
+    return torch.where(valid, coeffs, 0), torch.where(valid, indices, 0), valid
+
+
 def gather_combine(table: torch.Tensor, coeffs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """out[b] = sum_j coeffs[b, j] * table[indices[b, j]]: an embedding-bag. [B, K] -> [B, D]."""
     if indices.shape[0] == 0 or table.shape[1] == 0:

@@ -41,13 +41,15 @@ def flat_selection(op: str, values: Tensor, indices: Tensor, n: int, weight_name
 # ---- torch backend -----------------------------------------------------------------------
 
 def gather_combine_torch_forward(weight: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+    values, indices, _ = _sparse.in_range(values, indices, weight.shape[0])
     return _sparse.gather_combine(weight, values, indices)
 
 
 def gather_combine_torch_backward(grad_y, weight, values, indices, need_weight: bool, need_values: bool,
                                   deterministic: bool):
+    values, indices, valid = _sparse.in_range(values, indices, weight.shape[0])
     dweight = _sparse.scatter_rows(indices, values, grad_y, weight.shape[0], deterministic) if need_weight else None
-    dvalues = _sparse.gathered_dot(weight, indices, grad_y) if need_values else None
+    dvalues = _sparse.gathered_dot(weight, indices, grad_y).where(valid, 0) if need_values else None
     return dweight, dvalues
 
 

@@ -41,6 +41,7 @@ def _validate(z, decoder, experts, values, indices, bias):
 # ---- torch backend -----------------------------------------------------------------------
 
 def mxd_decode_torch_forward(z, decoder, experts, values, indices, bias):
+    values, indices, _ = _sparse.in_range(values, indices, experts.shape[0])
     y = z @ decoder
     y.mul_(_sparse.gather_combine(experts, values, indices))
     if bias is not None:
@@ -51,6 +52,7 @@ def mxd_decode_torch_forward(z, decoder, experts, values, indices, bias):
 def mxd_decode_torch_backward(grad_y, z, decoder, experts, values, indices, need_z: bool, need_decoder: bool,
                               need_experts: bool, need_values: bool, need_bias: bool, deterministic: bool):
     dz = ddecoder = dexperts = dvalues = dbias = None
+    values, indices, valid = _sparse.in_range(values, indices, experts.shape[0])
     if need_z or need_decoder:
         grad_h = grad_y * _sparse.gather_combine(experts, values, indices)
         dz = grad_h @ decoder.T if need_z else None
@@ -59,7 +61,7 @@ def mxd_decode_torch_backward(grad_y, z, decoder, experts, values, indices, need
     if need_experts or need_values:
         grad_c = grad_y * (z @ decoder)  # recomputed: (z @ decoder) is never kept between the passes
         dexperts = _sparse.scatter_rows(indices, values, grad_c, experts.shape[0], deterministic) if need_experts else None
-        dvalues = _sparse.gathered_dot(experts, indices, grad_c) if need_values else None
+        dvalues = _sparse.gathered_dot(experts, indices, grad_c).where(valid, 0) if need_values else None
     if need_bias:
         dbias = grad_y.sum(0)
     return dz, ddecoder, dexperts, dvalues, dbias
