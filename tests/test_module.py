@@ -272,3 +272,20 @@ def test_compile_reduce_overhead_matches_eager(name):
             want = [y.detach()] + [p.grad for p in layer.parameters()]
             for a, b in zip(got, want):
                 torch.testing.assert_close(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["torch", "triton", "cuda"])
+def test_layer_on_a_device_other_than_the_current_one(name):
+    """Tensors on cuda:1 while cuda:0 is current: every backend launches on the tensors' device."""
+    _cuda_backend_or_skip(name)
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    layer = _cuda_layer()
+    other = _layer(d_in=64, d_hidden=96, d_out=48, n_experts=300, k=8).float().to("cuda:1")
+    x = torch.randn(37, 64, device="cuda:0")
+    with torch.cuda.device(0), mxd_fast.use_backend(name):
+        for module, inp in ((layer, x), (other, x.to("cuda:1"))):
+            module(inp).square().sum().backward()
+    torch.testing.assert_close(other.gate.weight.grad.cpu(), layer.gate.weight.grad.cpu())
+    torch.testing.assert_close(other.experts.grad.cpu(), layer.experts.grad.cpu())

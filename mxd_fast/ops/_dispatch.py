@@ -2,6 +2,7 @@
 Triton: mxd_fast.kernels.<op>.<op>_<direction>; CUDA: torch.ops.mxd_fast_cuda.<op>_<direction>."""
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
@@ -15,7 +16,16 @@ def kernel(op: str, direction: str, device: torch.device, torch_impl):
         return torch_impl
     if name == "triton":
         module = importlib.import_module(f"mxd_fast.kernels.{op}")
-        return getattr(module, f"{op}_{direction}")
+        launch = getattr(module, f"{op}_{direction}")
+        if device.type != "cuda":
+            return launch
+        return functools.partial(_on_device, launch, device)
     if name == "cuda":
         return getattr(torch.ops.mxd_fast_cuda, f"{op}_{direction}")
     raise AssertionError(name)
+
+
+def _on_device(launch, device: torch.device, *args):
+    """Triton launches on the current CUDA device: make it the tensors' one (they may be on another)."""
+    with torch.cuda.device(device):
+        return launch(*args)
