@@ -81,7 +81,9 @@ def _setting(key: str, value):
 
 def deterministic() -> bool:
     """Backward passes use the deterministic (atomics-free) kernels unless MXD_FAST_DETERMINISTIC=0
-    or use_deterministic(False) says otherwise."""
+    or use_deterministic(False) says otherwise; always under torch.use_deterministic_algorithms(True)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return True
     flag = getattr(_state, "deterministic", None)
     if flag is None:
         flag = _shared["deterministic"]

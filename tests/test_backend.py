@@ -110,3 +110,21 @@ def test_backends_without_code_for_the_gpu_say_so(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
     assert "no code for compute capability 10.0" in B.unavailable_reason("cuda", gpu)
     assert B.resolve("gather_combine", gpu) != "cuda"     # auto moves on to the next backend
+
+
+def test_torch_deterministic_algorithms_override_the_atomics_setting(calls):
+    """torch.use_deterministic_algorithms(True) selects the deterministic kernels even where
+    mxd_fast's own setting allows atomics."""
+    layer = mxd_fast.MxD(6, 8, 5, 11, 3)
+    x = torch.randn(4, 6)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with mxd_fast.use_deterministic(False):
+            assert B.deterministic()
+            layer(x).square().sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert calls and all(c[3] for c in calls)
+    with mxd_fast.use_deterministic(False):
+        assert not B.deterministic()
