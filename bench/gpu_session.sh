@@ -71,7 +71,7 @@ workers() { $PY -c "import xdist" 2>/dev/null && echo "-n $1"; }
 
 if want tests; then
 stage "tests on the GPU (all backends; trainer, distributed and build tests excluded)"
-run 150 tests.log $PY -m pytest "${COMMON[@]}" $(workers 12) tests --ignore=tests/test_gpu_scale.py \
+run 170 tests.log $PY -m pytest "${COMMON[@]}" $(workers 12) tests --ignore=tests/test_gpu_scale.py \
     --ignore=tests/test_train.py --ignore=tests/test_distributed.py --ignore=tests/test_cuda_build.py \
     --ignore=tests/test_triton_build.py -rfE
 fi
