@@ -292,9 +292,10 @@ def test_group_shares_inputs_and_interleaves():
 
 
 def test_cli_rejects_unknown_names():
-    for argv in (["--ops", "nope"], ["--providers", "nope"], ["--modes", "nope"], ["--shapes", "nope"],
-                 ["--shapes", "tiny:K=0"]):
-        with pytest.raises(SystemExit, match=argv[0].lstrip("-") if argv[0] == "--shapes" else ""):
+    for argv, message in ((["--ops", "nope"], "unknown op 'nope'"), (["--providers", "nope"], "unknown provider"),
+                          (["--modes", "nope"], "unknown mode"), (["--shapes", "nope"], "--shapes"),
+                          (["--shapes", "tiny:K=0"], "--shapes: .*K must satisfy")):
+        with pytest.raises(SystemExit, match=message):
             cli.main(["--device", "cpu", "--quick", *argv])
 
 

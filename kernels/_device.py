@@ -7,6 +7,10 @@ import os
 
 import torch
 
+# Compile options of every launch: FMA contraction stated rather than left to Triton's default, which
+# Triton 3.10 turns off (3.9 warns at each first launch while TRITON_DEFAULT_FP_FUSION is unset).
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
 # (capability, multiprocessor count) of the GPU that CPU tensors are compiled for; None: interpreter.
 compile_target: tuple[int, int] | None = None
 

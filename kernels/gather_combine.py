@@ -27,7 +27,7 @@ from torch import Tensor
 
 from mxd_fast._utils import new_empty
 
-from ._device import compiled
+from ._device import LAUNCH_OPTIONS, compiled
 
 __all__ = [
     "embedding_bag", "gathered_dot", "scatter_rows", "scatter_sum", "SelectionCSR", "build_csr",
@@ -103,7 +103,7 @@ def embedding_bag(table: Tensor, coeffs: Tensor, indices: Tensor, scale: Optiona
         indices.stride(0), indices.stride(1), s.stride(0), s.stride(1),
         bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, ACC=_acc_dtype(table.dtype),
-        BLOCK_J=block_j, BLOCK_D=block_d, num_warps=warps)
+        BLOCK_J=block_j, BLOCK_D=block_d, num_warps=warps, **LAUNCH_OPTIONS)
     return out
 
 
@@ -153,7 +153,7 @@ def gathered_dot(table: Tensor, indices: Tensor, dense: Tensor) -> Tensor:
         table, indices, dense, out, N, D, K,
         table.stride(0), table.stride(1), indices.stride(0), indices.stride(1),
         dense.stride(0), dense.stride(1), out.stride(0), out.stride(1),
-        ACC=_acc_dtype(dense.dtype), BLOCK_J=block_j, BLOCK_D=block_d, num_warps=warps)
+        ACC=_acc_dtype(dense.dtype), BLOCK_J=block_j, BLOCK_D=block_d, num_warps=warps, **LAUNCH_OPTIONS)
     return out
 
 
@@ -258,7 +258,7 @@ def scatter_rows(indices: Tensor, coeffs: Tensor, dense: Tensor, n_rows: int, de
             indices, coeffs, dense, out, n_rows, D, K,
             indices.stride(0), indices.stride(1), coeffs.stride(0), coeffs.stride(1),
             dense.stride(0), dense.stride(1), out.stride(0), out.stride(1),
-            BLOCK_J=block_j, BLOCK_D=block_d, num_warps=4)
+            BLOCK_J=block_j, BLOCK_D=block_d, num_warps=4, **LAUNCH_OPTIONS)
         return out
     if csr is None:
         csr = build_csr(indices, n_rows)
@@ -270,7 +270,8 @@ def scatter_rows(indices: Tensor, coeffs: Tensor, dense: Tensor, n_rows: int, de
     _scatter_rows_kernel[grid](
         csr.order, csr.offsets, csr.row_order, coeffs, dense, out, D, K,
         coeffs.stride(0), coeffs.stride(1), dense.stride(0), dense.stride(1), out.stride(0), out.stride(1),
-        ACC=_acc_dtype(dense.dtype), BLOCK_E=block_e, BLOCK_D=block_d, num_warps=warps)
+        ACC=_acc_dtype(dense.dtype), BLOCK_E=block_e, BLOCK_D=block_d, num_warps=warps,
+        **LAUNCH_OPTIONS)
     return out
 
 
@@ -313,7 +314,7 @@ def scatter_sum(indices: Tensor, coeffs: Tensor, n_rows: int, deterministic: boo
     block_r, block_e, warps = (128, 8, 4) if compiled(coeffs) else (16, 4, 1)
     _scatter_sum_kernel[(triton.cdiv(n_rows, block_r),)](
         csr.order, csr.offsets, coeffs, out, n_rows, K, coeffs.stride(0), coeffs.stride(1), out.stride(0),
-        ACC=_acc_dtype(coeffs.dtype), BLOCK_R=block_r, BLOCK_E=block_e, num_warps=warps)
+        ACC=_acc_dtype(coeffs.dtype), BLOCK_R=block_r, BLOCK_E=block_e, num_warps=warps, **LAUNCH_OPTIONS)
     return out
 
 

@@ -28,7 +28,7 @@ from torch import Tensor
 from mxd_fast._utils import new_empty
 from mxd_fast.ops import mxd_decode as _torch_impl
 
-from ._device import autotune_enabled, capability, compiled
+from ._device import LAUNCH_OPTIONS, autotune_enabled, capability, compiled
 from .gather_combine import embedding_bag, gathered_dot, scatter_rows
 
 __all__ = ["mxd_decode_forward", "mxd_decode_backward"]
@@ -272,7 +272,7 @@ def _launch(z, decoder, experts, values, indices, *, c_source, c_tilde=None, bia
 
     interleaved = c_source == _C_SOURCE["interleaved"]
     if compiled(z) and autotune_enabled():
-        (_mxd_decode_tuned_interleaved if interleaved else _mxd_decode_tuned)[grid](*args, **flags)
+        (_mxd_decode_tuned_interleaved if interleaved else _mxd_decode_tuned)[grid](*args, **flags, **LAUNCH_OPTIONS)
     elif compiled(z):
         # without autotuning: the widest tile; the fused backward (two outputs) spills there, so the smallest
         if interleaved:
@@ -282,9 +282,10 @@ def _launch(z, decoder, experts, values, indices, *, c_source, c_tilde=None, bia
         else:
             # fp32 operands (TF32) before sm_90: 128 x 128 spills, half the columns on 4 warps does not
             c = _PRE_HOPPER_FP32_CONFIG if z.dtype == torch.float32 and capability(z) < 90 else _CUDA_CONFIGS[0]
-        _mxd_decode_kernel[grid](*args, **flags, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        _mxd_decode_kernel[grid](*args, **flags, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages,
+                                 **LAUNCH_OPTIONS)
     else:
-        _mxd_decode_kernel[grid](*args, **flags, **_INTERPRETER_CONFIG)
+        _mxd_decode_kernel[grid](*args, **flags, **_INTERPRETER_CONFIG, **LAUNCH_OPTIONS)
 
 
 def mxd_decode_forward(z: Tensor, decoder: Tensor, experts: Tensor, values: Tensor, indices: Tensor,

@@ -56,7 +56,8 @@ import triton.language as tl
 
 from mxd_fast._utils import new_empty
 
-from ._device import autotune_enabled, capability, compiled, multiprocessor_count, shared_memory_limit
+from ._device import (LAUNCH_OPTIONS, autotune_enabled, capability, compiled, multiprocessor_count,
+                      shared_memory_limit)
 
 # Largest k handled in registers; larger k uses the torch backend's tiled path.
 MAX_K = 256
@@ -340,7 +341,7 @@ def _forward(x, weight, bias, k, split=None, config=None):
                 DOT_PRECISION=_dot_precision(x.dtype), DOT_UPCAST=not compiled(x))
     if config is None and compiled(x) and autotune_enabled():
         grid = lambda m: (triton.cdiv(B, m["BLOCK_B"]), split)  # noqa: E731
-        _tuned_fwd_kernel[grid](*args, **meta)
+        _tuned_fwd_kernel[grid](*args, **meta, **LAUNCH_OPTIONS)
     else:
         if config is None and compiled(x):
             c = _default_config(k_pad, x.dtype, capability(x))
@@ -351,11 +352,12 @@ def _forward(x, weight, bias, k, split=None, config=None):
         num_warps = cfg.pop("num_warps", 4)
         num_stages = cfg.pop("num_stages", 3)
         grid = (triton.cdiv(B, cfg["BLOCK_B"]), split)
-        _topk_gate_fwd_kernel[grid](*args, **meta, **cfg, num_warps=num_warps, num_stages=num_stages)
+        _topk_gate_fwd_kernel[grid](*args, **meta, **cfg, num_warps=num_warps, num_stages=num_stages,
+                                    **LAUNCH_OPTIONS)
     if to_ws:
         block_b = 16 if k_pad <= 64 else 8 if compiled(x) else 16
         _topk_gate_merge_kernel[(triton.cdiv(B, block_b),)](ws, values, indices, B, split, B * k_pad,
-                                                             K=k, K_PAD=k_pad, BLOCK_B=block_b)
+                                                             K=k, K_PAD=k_pad, BLOCK_B=block_b, **LAUNCH_OPTIONS)
     return values, indices
 
 
