@@ -308,9 +308,10 @@ def test_profile_cli(capsys):
     assert "gather_combine fwd+bwd [torch]" in out and "embedding_bag" in out
     with pytest.raises(SystemExit):
         profile.main(["--op", "topk_gate", "--provider", "gemm", "--device", "cpu"])
+    assert "provider 'gemm' does not apply to topk_gate" in capsys.readouterr().err
 
 
-def test_tune_gate_candidates_and_arguments(monkeypatch):
+def test_tune_gate_candidates_and_arguments(monkeypatch, capsys):
     pytest.importorskip("triton")
     from bench import tune_gate
 
@@ -322,7 +323,9 @@ def test_tune_gate_candidates_and_arguments(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(SystemExit):
         tune_gate.main(["--device", "cpu"])      # no GPU and no interpreter
+    assert "needs a CUDA device" in capsys.readouterr().err
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for splits in ("0", "two"):
+    for splits, message in (("0", "expected integers >= 1"), ("two", "expected comma-separated integers")):
         with pytest.raises(SystemExit):
             tune_gate.main(["--device", "cpu", "--splits", splits])
+        assert f"--splits: {message}" in capsys.readouterr().err

@@ -510,9 +510,12 @@ def test_train_compare_runs_each_arch_and_k_and_tables_them(tiny, tmp_path, caps
     assert TC.main(["--k", "3", "--archs", "mxd", "--out", str(tmp_path / "bad"), "--", *args, "--batch", "0"]) == 1
     assert "exit 1:" in (tmp_path / "bad" / "compare.md").read_text()
     assert "--batch must be >= 1" in (tmp_path / "bad" / "compare.md").read_text()
-    for bad in (["--", "--k", "3"], ["--archs", "nope"], ["--k", "0"], ["--jobs", "0"]):
-        with pytest.raises(SystemExit):
+    capsys.readouterr()
+    for bad, message in ((["--", "--k", "3"], "--k is set by bench.train_compare"), (["--archs", "nope"], "unknown arch"),
+                         (["--k", "0"], "expected integers >= 1"), (["--jobs", "0"], "--jobs must be >= 1")):
+        with pytest.raises(SystemExit) as exit_:
             TC.main(["--out", str(tmp_path / "x"), *bad])
+        assert message in f"{exit_.value.code} {capsys.readouterr().err}", bad
 
 
 def test_dense_reference_forward_matches_fast_path():
