@@ -151,9 +151,9 @@ def test_shape_specs():
     assert S.parse_shape("gpt2:d=512").N == S.budget_experts(512, 3072)
     assert [x.K for x in S.sweep("K", S.PAPER["gpt2"])] == list(S.SWEEP_K)
     assert {x.sweep for x in S.resolve(["sweep-n@small"], "cpu")} == {"N"}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="bad shape override 'Q=3'"):
         S.parse_shape("gpt2:Q=3")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown shape 'nope'"):
         S.parse_shape("nope")
     assert S.split_specs("pythia-1.4b:T=8192,K=128,sweep-k@gpt2:T=512,N=4096,paper, tiny") == [
         "pythia-1.4b:T=8192,K=128", "sweep-k@gpt2:T=512,N=4096", "paper", "tiny"]
