@@ -25,7 +25,7 @@ def kernel(op: str, direction: str, device: torch.device, torch_impl):
     raise AssertionError(name)
 
 
-def _on_device(launch, device: torch.device, *args):
+def _on_device(launch, device: torch.device, *args, **kwargs):
     """Triton launches on the current CUDA device: make it the tensors' one (they may be on another)."""
     with torch.cuda.device(device):
-        return launch(*args)
+        return launch(*args, **kwargs)
