@@ -168,20 +168,19 @@ class SelectionCSR(NamedTuple):
 
 
 def build_csr(indices: Tensor, n_rows: int) -> SelectionCSR:
-    """Histogram, stable sort and prefix sum of `indices` (integer work only, deterministic)."""
+    """Stable sort of `indices`, each row's start found by binary search in the sorted keys (integer
+    work only, deterministic; no host synchronisation, unlike torch.bincount on a GPU, so it runs
+    inside a CUDA graph capture)."""
     flat = indices.reshape(-1)
     valid = (flat >= 0) & (flat < n_rows)
     key = torch.where(valid, flat, n_rows)
-    counts = torch.bincount(key, minlength=n_rows + 1)[:n_rows]
     if n_rows < 2**31 - 1 and flat.numel() < 2**31:
         # 32-bit keys: half the radix-sort passes of 64-bit ones on a GPU; the same stable order.
-        key, counts32 = key.to(torch.int32), counts.to(torch.int32)
-    else:
-        counts32 = counts
-    order = torch.sort(key, stable=True).indices
-    offsets = torch.zeros(n_rows + 1, dtype=torch.int64, device=indices.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    row_order = torch.sort(counts32, descending=True, stable=True).indices
+        key = key.to(torch.int32)
+    sorted_key, order = torch.sort(key, stable=True)
+    offsets = torch.searchsorted(sorted_key, torch.arange(n_rows + 1, dtype=key.dtype, device=key.device))
+    counts = (offsets[1:] - offsets[:-1]).to(key.dtype)
+    row_order = torch.sort(counts, descending=True, stable=True).indices
     return SelectionCSR(order, offsets, row_order)
 
 
