@@ -50,7 +50,8 @@ class TopKTranscoder(nn.Module):
         return topk_gate(x, self.encoder.weight, self.encoder.bias, self.k)
 
     def decode(self, x: Tensor, values: Tensor, indices: Tensor) -> Tensor:
-        y = gather_combine(self.decoder, values, indices) + self.bias
+        y = gather_combine(self.decoder, values, indices)
+        y = y + self.bias.to(y.dtype)   # under autocast y is in the autocast dtype: keep it, as nn.Linear does
         return y if self.skip is None else y + self.skip(x)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -202,6 +202,22 @@ def test_autocast_bf16(compile_backend, backward_inside):
         torch.testing.assert_close(fast[name], p.grad, rtol=0.1, atol=0.1 * scale, msg=name)
 
 
+@pytest.mark.parametrize("skip", [False, True])
+def test_transcoder_under_autocast_returns_the_autocast_dtype(skip):
+    """Like MxD and nn.Linear: the output in the autocast dtype, fp32 gradients for fp32 parameters."""
+    torch.manual_seed(0)
+    tc = mxd_fast.TopKTranscoder(12, 40, 9, 5, skip=skip)
+    with torch.no_grad():
+        tc.bias.normal_()
+    x = torch.randn(4, 6, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = tc(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in tc.parameters() if p.grad is not None)
+    torch.testing.assert_close(y.float(), tc(x), rtol=5e-2, atol=5e-2)
+
+
 def _cuda_backend_or_skip(name):
     from mxd_fast.backend import unavailable_reason
     if not torch.cuda.is_available():
