@@ -56,6 +56,9 @@ __all__ = ["ARCHS", "build_layer", "budget_parameters", "size_for_budget", "mxd_
 # (a few tokens with norms up to 1000x the rest); layers 3-7 and 12-26 do not, and layer 6 is cheap to reach.
 EMBEDDED_DEFAULTS = dict(layer=6, k=32, budget=8, tokens=256_000, batch=1024, lr=1e-3, warmup=None, context=128,
                          buffer=16_384, harvest_contexts=16, eval_tokens=4096, log_every=10, normalize="scalar")
+# The embedded run on a CUDA device: the same layer and budget, far more tokens (untimed on a GPU so far).
+EMBEDDED_GPU_DEFAULTS = dict(EMBEDDED_DEFAULTS, tokens=20_000_000, batch=4096, buffer=262_144, harvest_contexts=64,
+                             eval_tokens=65_536, log_every=50)
 PAPER_DEFAULTS = dict(layer=None, k=32, budget=32, tokens=10_000_000, batch=4096, lr=2e-4, warmup=None, context=128,
                       buffer=262_144, harvest_contexts=64, eval_tokens=65_536, log_every=50, normalize="none")
 
@@ -341,7 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve(args) -> argparse.Namespace:
-    defaults = EMBEDDED_DEFAULTS if args.model is None else PAPER_DEFAULTS
+    on_gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    if args.model is not None:
+        defaults = PAPER_DEFAULTS
+    else:
+        defaults = EMBEDDED_GPU_DEFAULTS if on_gpu else EMBEDDED_DEFAULTS
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

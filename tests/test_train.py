@@ -531,3 +531,18 @@ def test_dense_reference_forward_matches_fast_path():
         dense = T.TrainForward(layer, dense_reference=True)(x)
         for a, b in zip(fast, dense):
             torch.testing.assert_close(a, b)
+
+
+def test_embedded_defaults_train_far_more_tokens_on_a_gpu(monkeypatch):
+    """`make train` (no --model) keeps CPU-sized defaults on a CPU and trains far more tokens on CUDA."""
+    parse = lambda *argv: T._resolve(T.build_parser().parse_args(list(argv)))  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert parse().tokens == T.EMBEDDED_DEFAULTS["tokens"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    gpu = parse()
+    assert gpu.tokens == T.EMBEDDED_GPU_DEFAULTS["tokens"] >= 50 * T.EMBEDDED_DEFAULTS["tokens"]
+    assert gpu.batch == 4096 and gpu.layer == T.EMBEDDED_DEFAULTS["layer"]
+    assert parse("--device", "cpu").tokens == T.EMBEDDED_DEFAULTS["tokens"]
+    assert parse("--tokens", "1000").tokens == 1000
+    assert parse("--model", "gpt2").tokens == T.PAPER_DEFAULTS["tokens"]
