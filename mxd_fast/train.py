@@ -344,11 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve(args) -> argparse.Namespace:
-    on_gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    _check_device(args.device)
     if args.model is not None:
         defaults = PAPER_DEFAULTS
     else:
-        defaults = EMBEDDED_GPU_DEFAULTS if on_gpu else EMBEDDED_DEFAULTS
+        defaults = EMBEDDED_GPU_DEFAULTS if _device(args.device, 0).type == "cuda" else EMBEDDED_DEFAULTS
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -372,7 +372,6 @@ def _resolve(args) -> argparse.Namespace:
         for name, unset in (("hidden", None), ("activation", None), ("glu", "auto")):
             if getattr(args, name) != unset:
                 raise SystemExit(f"--{name} sets the MxD layer; it does not apply to --arch {args.arch}")
-    _check_device(args.device)
     if args.model is not None and not os.path.exists(os.path.expanduser(args.model)) and _is_local_path(args.model):
         raise SystemExit(f"--model: no file or folder {args.model}")
     return args
