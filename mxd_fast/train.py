@@ -583,6 +583,17 @@ def full_layer(layer: nn.Module, device) -> Optional[nn.Module]:
     return plain
 
 
+def _documents(option: str, paths: Sequence[str]) -> list:
+    """H.read_documents(paths), or SystemExit naming the option when a file is missing or malformed."""
+    try:
+        docs = H.read_documents(paths)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"{option}: {err}") from None
+    if option == "--eval-text" and not docs:
+        raise SystemExit(f"{option}: no documents in {' '.join(paths)}")
+    return docs
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = _resolve(build_parser().parse_args(argv))
     if args.threads:
@@ -613,8 +624,20 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         warmup = max(1, min(5000, steps // 10))
     _seed_all(args.seed)
 
-    # model, data
+    # data (read before the model loads, so that a bad --text fails at once), model
     t_start = time.perf_counter()
+    if args.text:
+        docs, corpus = _documents("--text", args.text), " ".join(args.text)
+    else:
+        docs, corpus = H.default_corpus(log)
+    if args.eval_text:
+        train_docs, eval_docs = docs, _documents("--eval-text", args.eval_text)
+    else:
+        train_docs, eval_docs = H.split_documents(docs, 0.02)
+    if not train_docs:
+        raise SystemExit(f"--text: no training documents in {corpus} (empty files, or no "
+                         f"{'/'.join(H.TEXT_SUFFIXES)} files in a folder)")
+    log(f"corpus: {corpus}; {len(train_docs)} training and {len(eval_docs)} held-out documents")
     log(f"loading {'the embedded SmolLM2-135M-Instruct (GGUF)' if args.model is None else args.model} on {device}")
     model, tokenizer = H.load_model(args.model, device=device, dtype=DTYPES[args.model_dtype])
     n_layers = H.num_layers(model)
@@ -627,17 +650,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     hidden = args.hidden or dims["hidden"]
     activation = args.activation or dims["activation"]
     glu = dims["glu"] if args.glu == "auto" else args.glu == "yes"
-    if args.text:
-        docs, corpus = H.read_documents(args.text), " ".join(args.text)
-    else:
-        docs, corpus = H.default_corpus(log)
-    if args.eval_text:
-        train_docs, eval_docs = docs, H.read_documents(args.eval_text)
-    else:
-        train_docs, eval_docs = H.split_documents(docs, 0.02)
-    if not train_docs:
-        raise SystemExit("no training documents")
-    log(f"corpus: {corpus}; {len(train_docs)} training and {len(eval_docs)} held-out documents")
 
     # layer
     width = int(round(args.budget * d))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -437,6 +438,23 @@ def test_bad_options_exit_naming_the_option(tiny, tmp_path, option, value):
 def test_bad_device_or_model_exit_before_loading(tiny, tmp_path, option, value, message):
     with pytest.raises(SystemExit, match=f"{option}.*{message}"):
         T.main(_args(tiny, tmp_path / "bad", option, value))
+
+
+@pytest.mark.parametrize("option,name,content,message", [
+    ("--text", "missing.txt", None, "no text file or folder"),
+    ("--text", "empty.txt", "  \n", "no training documents"),
+    ("--text", "bad.jsonl", '{"body": "x"}\n', 'bad.jsonl:1: no string field "text"'),
+    ("--eval-text", "empty.txt", "", "no documents"),
+    ("--eval-text", "bad.jsonl", "not json\n", "bad.jsonl:1: not JSON"),
+])
+def test_bad_text_exits_naming_the_option_before_loading(tiny, tmp_path, monkeypatch, option, name, content,
+                                                         message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    monkeypatch.setattr(H, "load_model", lambda *a, **k: pytest.fail("the model loaded before the text was read"))
+    with pytest.raises(SystemExit, match=f"{option}: .*{re.escape(message)}"):
+        T.main(_args(tiny, tmp_path / "bad", option, str(path)))
 
 
 @pytest.mark.parametrize("arch", ["transcoder", "skip-transcoder"])
