@@ -96,15 +96,20 @@ def num_layers(model: nn.Module) -> int:
 
 
 def model_dims(model: nn.Module, layer: int) -> dict:
-    """d (model width), the MLP's hidden width H, its activation (a key of mxd_fast.module.ACTIVATIONS)
-    and whether it is gated (SwiGLU-style: gate_proj * up_proj)."""
+    """d (model width), the MLP's hidden width H, its activation (a key of mxd_fast.module.ACTIVATIONS, or
+    None if it has none: `model_activation` names it) and whether it is gated (gate_proj * up_proj)."""
     config = model.config
     d = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
     hidden = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
     act = getattr(config, "hidden_act", None) or getattr(config, "activation_function", None) or "gelu"
     _, _, mlp = find_mlp(model, layer)
     gated = any(hasattr(mlp, a) for a in ("gate_proj", "gate_up_proj", "w3"))
-    return {"d": int(d), "hidden": int(hidden), "activation": map_activation(str(act)), "glu": gated}
+    try:
+        activation = map_activation(str(act))
+    except ValueError:
+        activation = None
+    return {"d": int(d), "hidden": int(hidden), "activation": activation, "model_activation": str(act),
+            "glu": gated}
 
 
 def map_activation(name: str) -> str:

@@ -36,7 +36,7 @@ from . import harvest as H
 from . import reference
 from .backend import use_backend
 from .evaluate import SplicedMLP, ZeroMLP, evaluate, splice_layer, spliced
-from .module import MxD
+from .module import ACTIVATIONS, MxD
 from .transcoder import TopKTranscoder
 
 ARCHS = ("mxd", "transcoder", "skip-transcoder")
@@ -299,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--budget", type=float, default=None, help="parameter budget as a TopK transcoder width in multiples of "
       "d (paper: 32; embedded default: 8); every arch gets the same parameter count")
     a("--hidden", type=int, default=None, help="MxD hidden width H (default: the model's MLP width)")
-    a("--activation", default=None, help="MxD activation (default: the model's MLP activation)")
+    a("--activation", choices=sorted(ACTIVATIONS), default=None,
+      help="MxD activation (default: the model's MLP activation)")
     a("--glu", choices=("auto", "yes", "no"), default="auto", help="MxD GLU variant (auto: if the MLP is gated)")
     a("--tokens", type=int, default=None, help="training tokens (all ranks together)")
     a("--batch", type=int, default=None, help="tokens per optimiser step (all ranks together)")
@@ -645,10 +646,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         args.layer = n_layers // 2
     if args.layer < 0 or (n_layers and args.layer >= n_layers):
         raise SystemExit(f"--layer must be in 0 .. {n_layers - 1}, got {args.layer}")
-    dims = H.model_dims(model, args.layer)
+    try:
+        dims = H.model_dims(model, args.layer)
+    except ValueError as err:   # no <blocks>.<layer>.mlp module
+        raise SystemExit(f"--model {args.model or '(embedded)'}: {err}") from None
     d = dims["d"]
     hidden = args.hidden or dims["hidden"]
     activation = args.activation or dims["activation"]
+    if activation is None and args.arch == "mxd":
+        raise SystemExit(f"--activation: the model's MLP activation {dims['model_activation']!r} has no MxD "
+                         f"form; choose one of {', '.join(sorted(ACTIVATIONS))}")
     glu = dims["glu"] if args.glu == "auto" else args.glu == "yes"
 
     # layer

@@ -3,6 +3,7 @@ splicing, the loss, the statistics, saving and loading, atomic checkpoints, resu
 end-to-end run of `python -m mxd_fast.train`."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -98,7 +99,7 @@ def test_harvest_records_mlp_input_and_output_and_stops_early(tiny):
 
 def test_model_dims_and_find_mlp(tiny):
     dims = H.model_dims(tiny["model"], 1)
-    assert dims == {"d": 32, "hidden": 64, "activation": "silu", "glu": True}
+    assert dims == {"d": 32, "hidden": 64, "activation": "silu", "model_activation": "silu", "glu": True}
     with pytest.raises(ValueError, match="layers"):
         H.find_mlp(tiny["model"], 5)
 
@@ -455,6 +456,21 @@ def test_bad_text_exits_naming_the_option_before_loading(tiny, tmp_path, monkeyp
     monkeypatch.setattr(H, "load_model", lambda *a, **k: pytest.fail("the model loaded before the text was read"))
     with pytest.raises(SystemExit, match=f"{option}: .*{re.escape(message)}"):
         T.main(_args(tiny, tmp_path / "bad", option, str(path)))
+
+
+def test_model_without_mxd_activation_or_mlp_module_exits_naming_the_option(tiny, tmp_path, monkeypatch):
+    model = copy.deepcopy(tiny["model"])
+    model.config.hidden_act = "relu2"   # transformers has it; MxD has no such activation
+    monkeypatch.setattr(H, "load_model", lambda *a, **k: (model, tiny["tokenizer"]))
+    with pytest.raises(SystemExit, match="--activation: the model's MLP activation 'relu2' has no MxD form"):
+        T.main(_args(tiny, tmp_path / "a"))
+    for extra in (["--activation", "relu"], ["--arch", "transcoder"]):   # the layer needs none of the model's
+        assert math.isfinite(T.main(_args(tiny, tmp_path / extra[1], "--eval-tokens", "0", *extra))["nmse"])
+    block = model.model.layers[1]
+    block.ffn = block.mlp
+    del block.mlp
+    with pytest.raises(SystemExit, match=r"--model .*: no MLP module named '<blocks>\.1\.mlp'"):
+        T.main(_args(tiny, tmp_path / "c"))
 
 
 @pytest.mark.parametrize("arch", ["transcoder", "skip-transcoder"])
