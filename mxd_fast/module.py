@@ -28,6 +28,28 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _float_dtype(dtype):
+    """dtype if it is None or a floating-point torch.dtype."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+    return dtype
+
+
+def _input(x, d_in: int) -> Tensor:
+    """x: a tensor [..., d_in]."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != d_in:
+        raise ValueError(f"x must have last dimension d_in = {d_in}, got shape {tuple(x.shape)}")
+    return x
+
+
 class MxD(nn.Module):
     """Mixture of Decoders: n_experts full-rank linear experts W_n = D diag(c_n), k active per token,
     never materialised.
@@ -46,9 +68,10 @@ class MxD(nn.Module):
                                                            ("n_experts", n_experts), ("k", k)))
         if k > n_experts:
             raise ValueError(f"k must satisfy 1 <= k <= n_experts = {n_experts}, got k = {k}")
-        if activation not in ACTIVATIONS:
+        if not isinstance(activation, str) or activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        factory = {"device": device, "dtype": dtype}
+        glu, skip = _flag("glu", glu), _flag("skip", skip)
+        factory = {"device": device, "dtype": _float_dtype(dtype)}
         self.d_in, self.d_hidden, self.d_out, self.n_experts, self.k = d_in, d_hidden, d_out, n_experts, k
         self.activation = activation
         self.encoder = nn.Linear(d_in, d_hidden, **factory)
@@ -86,8 +109,7 @@ class MxD(nn.Module):
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(z, values, indices): the dense hidden state and the k selected experts' coefficients."""
-        if x.shape[-1] != self.d_in:
-            raise ValueError(f"x must have last dimension d_in = {self.d_in}, got shape {tuple(x.shape)}")
+        _input(x, self.d_in)
         values, indices = topk_gate(x, self.gate.weight, self.gate.bias, self.k)
         return self.hidden(x), values, indices
 
@@ -126,6 +148,9 @@ class MxD(nn.Module):
 def mxd_experts_for_budget(d_in: int, d_hidden: int, d_out: int, transcoder_width: int) -> int:
     """N such that an MxD (without glu or skip) has about the parameters of a TopK transcoder of the
     given width (encoder [d_in, width] + bias, decoder [width, d_out] + bias)."""
+    d_in, d_hidden, d_out, transcoder_width = (
+        _positive_int(name, value) for name, value in (("d_in", d_in), ("d_hidden", d_hidden), ("d_out", d_out),
+                                                       ("transcoder_width", transcoder_width)))
     transcoder = d_in * transcoder_width + transcoder_width + transcoder_width * d_out + d_out
     dense = d_in * d_hidden + d_hidden + d_hidden * d_out + d_out
     n = (transcoder - dense) // (d_in + 1 + d_out)

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .module import _positive_int
+from .module import _flag, _float_dtype, _input, _positive_int
 from .ops.gather_combine import gather_combine
 from .ops.topk_gate import topk_gate
 
@@ -23,7 +23,8 @@ class TopKTranscoder(nn.Module):
                                  (("d_in", d_in), ("width", width), ("d_out", d_out), ("k", k)))
         if k > width:
             raise ValueError(f"k must satisfy 1 <= k <= width = {width}, got k = {k}")
-        factory = {"device": device, "dtype": dtype}
+        skip = _flag("skip", skip)
+        factory = {"device": device, "dtype": _float_dtype(dtype)}
         self.d_in, self.width, self.d_out, self.k = d_in, width, d_out, k
         self.encoder = nn.Linear(d_in, width, **factory)
         self.decoder = nn.Parameter(torch.empty(width, d_out, **factory))
@@ -45,8 +46,7 @@ class TopKTranscoder(nn.Module):
         return f"d_in={self.d_in}, width={self.width}, d_out={self.d_out}, k={self.k}, skip={self.skip is not None}"
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if x.shape[-1] != self.d_in:
-            raise ValueError(f"x must have last dimension d_in = {self.d_in}, got shape {tuple(x.shape)}")
+        _input(x, self.d_in)
         return topk_gate(x, self.encoder.weight, self.encoder.bias, self.k)
 
     def decode(self, x: Tensor, values: Tensor, indices: Tensor) -> Tensor:

@@ -161,7 +161,9 @@ def test_second_order_gradients_raise():
 
 @pytest.mark.parametrize("kwargs,error", [
     (dict(k=0), ValueError), (dict(k=41), ValueError), (dict(k=2.0), TypeError), (dict(d_in=0), ValueError),
-    (dict(activation="tanh"), ValueError), (dict(n_experts=True), TypeError),
+    (dict(activation="tanh"), ValueError), (dict(activation=["relu"]), ValueError), (dict(n_experts=True), TypeError),
+    (dict(glu="no"), TypeError), (dict(skip=1), TypeError), (dict(dtype=torch.int32), TypeError),
+    (dict(dtype=torch.complex64), TypeError),
 ])
 def test_bad_arguments(kwargs, error):
     args = dict(d_in=12, d_hidden=10, d_out=9, n_experts=40, k=5)
@@ -170,9 +172,35 @@ def test_bad_arguments(kwargs, error):
         mxd_fast.MxD(**args)
 
 
-def test_wrong_input_width():
+@pytest.mark.parametrize("kwargs,error", [
+    (dict(skip="no"), TypeError), (dict(dtype=torch.int64), TypeError), (dict(width=0), ValueError),
+])
+def test_bad_transcoder_arguments(kwargs, error):
+    args = dict(d_in=12, width=40, d_out=9, k=5)
+    args.update(kwargs)
+    with pytest.raises(error, match=next(iter(kwargs))):
+        mxd_fast.TopKTranscoder(**args)
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    (dict(transcoder_width=3000.0), TypeError), (dict(d_in=0), ValueError), (dict(d_hidden=-1), ValueError),
+])
+def test_bad_budget_arguments(kwargs, error):
+    args = dict(d_in=768, d_hidden=3072, d_out=768, transcoder_width=24576)
+    args.update(kwargs)
+    with pytest.raises(error, match=next(iter(kwargs))):
+        mxd_fast.mxd_experts_for_budget(**args)
+
+
+@pytest.mark.parametrize("make", [_layer, lambda: mxd_fast.TopKTranscoder(12, 40, 9, 5, dtype=torch.float64)])
+def test_wrong_input(make):
+    layer = make()
     with pytest.raises(ValueError, match="d_in"):
-        _layer()(torch.randn(3, 11, dtype=torch.float64))
+        layer(torch.randn(3, 11, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x must have last dimension d_in = 12, got shape \\(\\)"):
+        layer(torch.tensor(1.0, dtype=torch.float64))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+        layer([[0.0] * 12])
 
 
 @pytest.mark.parametrize("backward_inside", [False, True])
