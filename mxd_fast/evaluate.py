@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .harvest import Harvester, find_mlp
+from .module import MxD
+from .transcoder import TopKTranscoder
 
 
 class SplicedMLP(nn.Module):
@@ -33,21 +35,23 @@ class ZeroMLP(nn.Module):
 
 
 def splice_layer(model: nn.Module, layer_index: int, layer: nn.Module) -> nn.Module:
-    """Replace the MLP of block `layer_index` by `layer` (wrapped in SplicedMLP unless it is an
-    nn.Module already taking the MLP's input, e.g. ZeroMLP). Returns the MLP that was replaced, so
-    that `splice_layer(model, i, old)` undoes it."""
-    parent, attr, old = find_mlp(model, layer_index)
-    new = layer if isinstance(layer, (SplicedMLP, ZeroMLP)) or getattr(layer, "_is_mlp_replacement", False) \
-        else SplicedMLP(layer)
-    setattr(parent, attr, new)
+    """Replace the MLP of block `layer_index` by `layer`: an MxD or TopKTranscoder goes in wrapped in
+    SplicedMLP (the model's dtype and shape in and out); any other module goes in as it is, so it must
+    take the MLP's input (wrap it in SplicedMLP yourself to get the casts). Returns the MLP that was
+    replaced, so that `splice_layer(model, i, old)` restores the model exactly."""
+    if not isinstance(layer, nn.Module):
+        raise TypeError(f"layer must be an nn.Module, got {type(layer).__name__}")
+    parent, attr, _ = find_mlp(model, layer_index)
+    old = getattr(parent, attr)
+    setattr(parent, attr, SplicedMLP(layer) if isinstance(layer, (MxD, TopKTranscoder)) else layer)
     return old
 
 
 @contextlib.contextmanager
 def spliced(model: nn.Module, layer_index: int, layer: nn.Module):
     """`with spliced(model, 12, mxd): model(ids)` runs the model with `mxd` in place of block 12's MLP."""
-    parent, attr, old = find_mlp(model, layer_index)
-    splice_layer(model, layer_index, layer)
+    parent, attr, _ = find_mlp(model, layer_index)
+    old = splice_layer(model, layer_index, layer)
     try:
         yield model
     finally:

@@ -17,6 +17,7 @@ import ast
 import glob
 import hashlib
 import json
+import operator
 import os
 import random
 import re
@@ -72,9 +73,15 @@ def load_model(name: Optional[str] = None, device="cpu", dtype: torch.dtype = to
 def find_mlp(model: nn.Module, layer: int) -> tuple[nn.Module, str, nn.Module]:
     """(parent, attribute, mlp) of the MLP of transformer block `layer` (Llama, GPT-2, GPT-NeoX and
     every model whose blocks are a ModuleList with an `mlp` child)."""
+    try:
+        if isinstance(layer, bool):
+            raise TypeError
+        layer = operator.index(layer)   # numpy and torch integers too; never a float
+    except TypeError:
+        raise TypeError(f"layer index must be an int, got {type(layer).__name__}") from None
     candidates = []
     for name, module in model.named_modules():
-        if re.search(rf"(^|\.){int(layer)}\.mlp$", name):
+        if re.search(rf"(^|\.){layer}\.mlp$", name):
             candidates.append(name)
     if not candidates:
         blocks = num_layers(model)

@@ -36,7 +36,7 @@ from . import harvest as H
 from . import reference
 from .backend import use_backend
 from .evaluate import SplicedMLP, ZeroMLP, evaluate, splice_layer, spliced
-from .module import ACTIVATIONS, MxD
+from .module import ACTIVATIONS, MxD, _float_dtype
 from .transcoder import TopKTranscoder
 
 ARCHS = ("mxd", "transcoder", "skip-transcoder")
@@ -97,10 +97,12 @@ def size_for_budget(arch: str, transcoder_width: int, d_in: int, d_hidden: int, 
 
 
 def build_layer(arch: str, d_in: int, d_out: int, k: int, size: int, d_hidden: int = 0, activation: str = "gelu",
-                glu: bool = False, device=None, dtype=None) -> nn.Module:
-    """An MxD (size = experts) or a TopKTranscoder (size = width; skip for skip-transcoder)."""
+                glu: bool = False, device=None, dtype=None, skip: bool = False) -> nn.Module:
+    """An MxD (size = experts; skip: its optional linear skip path) or a TopKTranscoder (size = width;
+    skip for skip-transcoder)."""
     if arch == "mxd":
-        return MxD(d_in, d_hidden, d_out, size, k, activation=activation, glu=glu, device=device, dtype=dtype)
+        return MxD(d_in, d_hidden, d_out, size, k, activation=activation, glu=glu, skip=skip, device=device,
+                   dtype=dtype)
     if arch in ("transcoder", "skip-transcoder"):
         return TopKTranscoder(d_in, size, d_out, k, skip=arch == "skip-transcoder", device=device, dtype=dtype)
     raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
@@ -110,7 +112,8 @@ def layer_spec(layer: nn.Module) -> dict:
     """What build_layer needs to rebuild `layer`."""
     if isinstance(layer, MxD):
         return {"arch": "mxd", "d_in": layer.d_in, "d_out": layer.d_out, "k": layer.k, "size": layer.n_experts,
-                "d_hidden": layer.d_hidden, "activation": layer.activation, "glu": layer.glu is not None}
+                "d_hidden": layer.d_hidden, "activation": layer.activation, "glu": layer.glu is not None,
+                "skip": layer.skip is not None}
     if isinstance(layer, TopKTranscoder):
         return {"arch": "skip-transcoder" if layer.skip is not None else "transcoder", "d_in": layer.d_in,
                 "d_out": layer.d_out, "k": layer.k, "size": layer.width}
@@ -120,19 +123,34 @@ def layer_spec(layer: nn.Module) -> dict:
 def save_layer(layer: nn.Module, folder, extra: Optional[dict] = None) -> Path:
     """Write folder/layer.safetensors and folder/config.json (each atomically)."""
     from safetensors.torch import save_file
+    config = {"layer": layer_spec(layer), **(extra or {})}   # before writing: only layers it can describe
+    config_text = json.dumps(config, indent=2) + "\n"
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().contiguous().cpu() for name, t in layer.state_dict().items()}
     _atomic(folder / LAYER_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    config = {"layer": layer_spec(layer), **(extra or {})}
-    _atomic(folder / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    _atomic(folder / CONFIG_FILE, lambda p: Path(p).write_text(config_text))
     return folder
+
+
+def _load_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"device: {device!r} is not a device ({err})") from None
+    if dev.type == "meta":
+        raise ValueError("device: a meta tensor holds no data; load the layer on a real device")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA device is available")
+    return dev
 
 
 def load_layer(path, device="cpu", dtype=None) -> nn.Module:
     """The layer saved in a run folder (or its layer.safetensors), ready to use or to splice with
     `splice_layer(model, config['model']['layer'], layer)`."""
     from safetensors.torch import load_file
+    device = _load_device(device)
+    _float_dtype(dtype)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no run folder or {LAYER_FILE} at {path}")
@@ -142,9 +160,12 @@ def load_layer(path, device="cpu", dtype=None) -> nn.Module:
             raise FileNotFoundError(f"{folder} is not a run folder: it has no {name}"
                                     + ("" if (folder / LAYER_FILE).exists() else " (training writes the layer at "
                                        "its end; a stopped run has only its checkpoint: --resume it)"))
-    spec = dict(json.loads((folder / CONFIG_FILE).read_text())["layer"])
-    layer = build_layer(spec.pop("arch"), **spec, device="meta")
-    state = load_file(str(folder / LAYER_FILE), device=str(device))
+    try:
+        spec = dict(json.loads((folder / CONFIG_FILE).read_text())["layer"])
+        layer = build_layer(spec.pop("arch"), **spec, device="meta")
+    except (ValueError, KeyError, TypeError) as err:   # JSONDecodeError is a ValueError
+        raise ValueError(f"{folder / CONFIG_FILE} does not describe a layer ({type(err).__name__}: {err})") from None
+    state = load_file(str(folder / LAYER_FILE), device="cpu")
     layer = layer.to_empty(device=device)
     layer.load_state_dict(state)
     if dtype is not None:
@@ -355,18 +376,21 @@ def _resolve(args) -> argparse.Namespace:
             setattr(args, key, value)
     if args.out is None:
         args.out = os.path.join("runs", args.arch)
-    for name in ("k", "tokens", "batch", "context", "buffer", "harvest_contexts", "experts", "hidden", "log_every"):
+    for name in ("k", "tokens", "batch", "context", "buffer", "harvest_contexts", "experts", "hidden", "log_every",
+                 "eval_batch", "dead_window", "stop_after", "threads"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    for name in ("warmup", "eval_tokens"):
+    for name in ("warmup", "eval_tokens", "checkpoint_every"):
         value = getattr(args, name, None)
         if value is not None and value < 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-    if not args.lr > 0:
-        raise SystemExit(f"--lr must be > 0, got {args.lr}")
-    if args.budget is not None and not args.budget > 0:
-        raise SystemExit(f"--budget must be > 0, got {args.budget}")
+    if args.experts is not None and args.experts < args.k:
+        raise SystemExit(f"--experts {args.experts} must be at least --k {args.k}")
+    if not 0 < args.lr < math.inf:
+        raise SystemExit(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.budget is not None and not 0 < args.budget < math.inf:
+        raise SystemExit(f"--budget must be a finite number > 0, got {args.budget}")
     if args.time_limit is not None and not args.time_limit > 0:
         raise SystemExit(f"--time-limit must be > 0 seconds, got {args.time_limit}")
     if args.arch != "mxd":

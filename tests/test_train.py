@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+from torch import nn
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -19,7 +20,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from mxd_fast import MxD, TopKTranscoder, mxd_experts_for_budget  # noqa: E402
 from mxd_fast import harvest as H  # noqa: E402
 from mxd_fast import train as T  # noqa: E402
-from mxd_fast.evaluate import ZeroMLP, cross_entropy, evaluate, splice_layer, spliced  # noqa: E402
+from mxd_fast.evaluate import SplicedMLP, ZeroMLP, cross_entropy, evaluate, splice_layer, spliced  # noqa: E402
 
 WORDS = ("the a model layer expert token sparse dense matrix vector gate decoder encoder python function "
          "returns value list of and to in is for with that by on").split()
@@ -210,6 +211,18 @@ def test_splicing_the_mlp_itself_changes_nothing(tiny):
 
 def test_splice_layer_is_permanent_and_reversible(tiny):
     model = tiny["model"]
+    keys = list(model.state_dict())
+    mlp = H.find_mlp(model, 1)[2]
+    old = splice_layer(model, 1, MxD(32, 16, 32, 8, 2))
+    assert old is mlp and isinstance(H.find_mlp(model, 1)[2], SplicedMLP)
+    assert splice_layer(model, 1, old).layer.n_experts == 8
+    assert H.find_mlp(model, 1)[2] is mlp and list(model.state_dict()) == keys   # restored exactly
+    for bad, error in (("foo", TypeError), (None, TypeError)):
+        with pytest.raises(error, match="layer must be an nn.Module"):
+            splice_layer(model, 1, bad)
+    with pytest.raises(TypeError, match="layer index must be an int, got float"):
+        splice_layer(model, 1.7, ZeroMLP())
+    assert H.find_mlp(model, 1)[2] is mlp
     ids = torch.randint(0, 200, (2, 12))
     with torch.no_grad():
         clean = model(input_ids=ids).logits
@@ -331,10 +344,10 @@ def test_fold_scales_is_exact(arch):
 
 # ---- files -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", T.ARCHS)
-def test_save_load_round_trip(tmp_path, arch):
+@pytest.mark.parametrize("arch,skip", [(arch, False) for arch in T.ARCHS] + [("mxd", True)])
+def test_save_load_round_trip(tmp_path, arch, skip):
     torch.manual_seed(0)
-    layer = T.build_layer(arch, 10, 10, 3, 17, d_hidden=14, activation="gelu_tanh", glu=arch == "mxd")
+    layer = T.build_layer(arch, 10, 10, 3, 17, d_hidden=14, activation="gelu_tanh", glu=arch == "mxd", skip=skip)
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(torch.randn_like(p))
@@ -350,6 +363,27 @@ def test_save_load_round_trip(tmp_path, arch):
     (tmp_path / "stopped").mkdir()
     with pytest.raises(FileNotFoundError, match="not a run folder: it has no layer.safetensors .*--resume"):
         T.load_layer(tmp_path / "stopped")
+
+
+def test_save_and_load_refuse_bad_arguments_naming_them(tmp_path):
+    with pytest.raises(TypeError, match="cannot describe a Linear"):
+        T.save_layer(nn.Linear(3, 3), tmp_path / "linear")
+    assert not (tmp_path / "linear").exists()   # nothing half-written
+    T.save_layer(T.build_layer("transcoder", 6, 6, 2, 8), tmp_path / "run")
+    for kwargs, error, message in [
+        ({"dtype": "bf16"}, TypeError, "dtype must be a floating-point torch.dtype"),
+        ({"dtype": torch.int32}, TypeError, "dtype must be a floating-point torch.dtype"),
+        ({"device": "meta"}, ValueError, "device: a meta tensor holds no data"),
+        ({"device": "nodevice"}, ValueError, "device: 'nodevice' is not a device"),
+    ] + ([({"device": "cuda"}, ValueError, "no CUDA device is available")] if not torch.cuda.is_available() else []):
+        with pytest.raises(error, match=message):
+            T.load_layer(tmp_path / "run", **kwargs)
+    assert T.load_layer(tmp_path / "run", device="cpu:0", dtype=torch.float64).decoder.dtype == torch.float64
+    config = tmp_path / "run" / "config.json"
+    for text in ("{not json", '{"model": {}}', '{"layer": {"arch": "mlp"}}'):
+        config.write_text(text)
+        with pytest.raises(ValueError, match="config.json does not describe a layer"):
+            T.load_layer(tmp_path / "run")
 
 
 def test_atomic_save_leaves_old_file_on_failure(tmp_path, monkeypatch):
@@ -423,7 +457,9 @@ def test_time_limit_ends_the_run_at_a_logging_window_and_evaluates_it(tiny, tmp_
 
 @pytest.mark.parametrize("option,value", [
     ("--experts", "0"), ("--hidden", "0"), ("--k", "0"), ("--lr", "-1"), ("--lr", "0"), ("--warmup", "-1"),
-    ("--eval-tokens", "-5"), ("--budget", "0"), ("--log-every", "0"),
+    ("--eval-tokens", "-5"), ("--budget", "0"), ("--log-every", "0"), ("--eval-batch", "0"), ("--dead-window", "0"),
+    ("--stop-after", "0"), ("--threads", "0"), ("--checkpoint-every", "-1"), ("--lr", "inf"), ("--budget", "inf"),
+    ("--experts", "3"),   # fewer than --k 4
 ])
 def test_bad_options_exit_naming_the_option(tiny, tmp_path, option, value):
     """Checked before the model loads: an explicit 0 is not read as "the default"."""
