@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from mxd_fast._utils import env_flag
+
 # Compile options of every launch: FMA contraction stated rather than left to Triton's default, which
 # Triton 3.10 turns off (3.9 warns at each first launch while TRITON_DEFAULT_FP_FUSION is unset).
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}
@@ -51,4 +53,4 @@ def shared_memory_limit(t: torch.Tensor) -> int:
 def autotune_enabled() -> bool:
     """GPU launches autotune their configuration unless MXD_FAST_AUTOTUNE=0 (then each kernel takes its
     default configuration: no benchmarking of candidates, one compilation per launch signature)."""
-    return os.environ.get("MXD_FAST_AUTOTUNE", "1") not in ("0", "false", "False")
+    return env_flag("MXD_FAST_AUTOTUNE", True)

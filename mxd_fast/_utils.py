@@ -13,13 +13,32 @@ INDEX_DTYPES = (torch.int64, torch.int32)
 
 _state = threading.local()
 
+_TRUE_WORDS, _FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """The boolean environment variable `name`: 1/0, true/false, yes/no or on/off (any case, surrounding
+    whitespace ignored); `default` when unset or empty. Any other value raises ValueError."""
+    raw = os.environ.get(name)
+    value = "" if raw is None else raw.strip().lower()
+    if not value:
+        return default
+    if value in _TRUE_WORDS:
+        return True
+    if value in _FALSE_WORDS:
+        return False
+    raise ValueError(f"environment variable {name} must be one of 1/0, true/false, yes/no, on/off "
+                     f"(any case), got {raw!r}")
+
 
 # ---- output allocation -------------------------------------------------------------------
 
 def poisoning() -> bool:
     flag = getattr(_state, "poison", None)
     if flag is None:
-        flag = os.environ.get("MXD_FAST_POISON", "0") == "1"
+        flag = env_flag("MXD_FAST_POISON", False)
+        if os.environ.get("MXD_FAST_POISON", "0") not in ("0", "1"):
+            os.environ["MXD_FAST_POISON"] = "1" if flag else "0"   # the CUDA bindings read only "1"
     return flag
 
 
@@ -64,12 +83,14 @@ def check_tensor(name: str, t, ndim: int | None = None, min_ndim: int | None = N
     return t
 
 
-def check_float(name: str, t: torch.Tensor, like: tuple[str, torch.Tensor] | None = None) -> None:
+def check_float(name: str, t: torch.Tensor, like: tuple[str, torch.Tensor] | None = None,
+                mixed_dtypes: bool = False) -> None:
+    """A floating tensor with the dtype (unless mixed_dtypes) and device of `like`."""
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {t.dtype}")
     if like is not None:
         other_name, other = like
-        if t.dtype != other.dtype:
+        if t.dtype != other.dtype and not mixed_dtypes:
             raise TypeError(f"{name} has dtype {t.dtype} but {other_name} has dtype {other.dtype}; they must match")
         if t.device != other.device:
             raise ValueError(f"{name} is on {t.device} but {other_name} is on {other.device}; they must match")
@@ -137,8 +158,8 @@ def placeholder(like: torch.Tensor) -> torch.Tensor:
 
 
 def autocasting(t) -> bool:
-    """True under torch.autocast for t's device: the op casts its inputs, so mixed dtypes are fine
-    until then (the op itself validates after the cast)."""
+    """True under torch.autocast for t's device: the op casts its floating inputs to one dtype, so
+    mixed floating dtypes are fine until then (the checks allow them: mixed_dtypes=True)."""
     return (isinstance(t, torch.Tensor) and torch.amp.is_autocast_available(t.device.type)   # not meta
             and torch.is_autocast_enabled(t.device.type))
 

@@ -3,10 +3,11 @@
 `with use_backend("triton"): ...` or the environment variable MXD_FAST_BACKEND picks the
 implementation behind every op: "auto" (default), "torch", "triton" or "cuda".
 
-A block's setting holds in its own thread and, for threads that have none of their own, process-wide:
-autograd runs the backward passes of CUDA tensors on its own device thread. Each op's forward also
-records the setting in force for its backward pass, so that an eager backward runs on the forward's
-backend and determinism wherever it is called from.
+A block's setting holds in its own thread (the innermost of its active blocks) and, for threads that
+have none of their own, process-wide: there the most recently entered block still active in any thread
+holds; once every block has exited, none does. Each op's forward also records the settings in force
+for its backward pass, so that an eager backward (which autograd runs on its own device thread for
+CUDA tensors) runs on the forward's backend and determinism wherever it is called from.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import os
 import threading
 
 import torch
+
+from ._utils import env_flag
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
@@ -30,9 +33,20 @@ AUTO_PREFERENCE = {
     "mxd_decode": ("cuda", "triton", "torch"),
 }
 
+# Per thread, per setting ("name", "deterministic"): the thread's active entries, innermost last.
 _state = threading.local()
-# The innermost setting of any thread: what threads without a setting of their own see.
-_shared: dict = {"name": None, "deterministic": None}
+# The process-wide entries of the active blocks of all threads, in the order entered: threads without a
+# setting of their own see the last.
+_shared: dict = {"name": [], "deterministic": []}
+_shared_lock = threading.Lock()
+
+
+class _Entry:
+    """One active block's setting; removed by identity when its block exits."""
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
 
 
 class BackendUnavailableError(RuntimeError):
@@ -47,9 +61,7 @@ def _check_name(name: str) -> str:
 
 def get_backend() -> str:
     """The backend in force: the innermost use_backend(), else MXD_FAST_BACKEND, else "auto"."""
-    name = getattr(_state, "name", None)
-    if name is None:
-        name = _shared["name"]
+    name = _current("name")
     if name is not None:
         return name
     env = os.environ.get("MXD_FAST_BACKEND", "auto")
@@ -67,16 +79,36 @@ def use_backend(name: str):
         yield
 
 
+def _current(key: str):
+    """The calling thread's innermost setting `key`, else the process-wide one, else None."""
+    own = getattr(_state, key, None)
+    if own:
+        return own[-1].value
+    with _shared_lock:
+        shared = _shared[key]
+        return shared[-1].value if shared else None
+
+
 @contextlib.contextmanager
-def _setting(key: str, value):
-    previous, previous_shared = getattr(_state, key, None), _shared[key]
-    setattr(_state, key, value)
-    _shared[key] = value
+def _setting(key: str, value, process_wide: bool = True):
+    """Setting `key` is `value` in the block: in this thread, and (process_wide) for threads without
+    their own. Blocks may exit in any order: each removes exactly its own entry."""
+    entry = _Entry(value)
+    own = getattr(_state, key, None)
+    if own is None:
+        own = []
+        setattr(_state, key, own)
+    own.append(entry)
+    if process_wide:
+        with _shared_lock:
+            _shared[key].append(entry)
     try:
         yield
     finally:
-        setattr(_state, key, previous)
-        _shared[key] = previous_shared
+        own.remove(entry)
+        if process_wide:
+            with _shared_lock:
+                _shared[key].remove(entry)
 
 
 def deterministic() -> bool:
@@ -84,12 +116,10 @@ def deterministic() -> bool:
     or use_deterministic(False) says otherwise; always under torch.use_deterministic_algorithms(True)."""
     if torch.are_deterministic_algorithms_enabled():
         return True
-    flag = getattr(_state, "deterministic", None)
-    if flag is None:
-        flag = _shared["deterministic"]
+    flag = _current("deterministic")
     if flag is not None:
         return flag
-    return os.environ.get("MXD_FAST_DETERMINISTIC", "1") not in ("0", "false", "False")
+    return env_flag("MXD_FAST_DETERMINISTIC", True)
 
 
 @contextlib.contextmanager
@@ -107,10 +137,12 @@ def settings() -> tuple[str, bool]:
 
 @contextlib.contextmanager
 def use_settings(recorded: tuple[str, bool]):
-    """Run the block with settings() recorded earlier (an op's backward pass, on whatever thread)."""
+    """Run the block with settings() recorded earlier (an op's backward pass, on whatever thread), in
+    this thread only: other threads do not see a backward pass's settings."""
     name, flag = recorded
-    with use_backend(name), use_deterministic(flag):
-        yield
+    with _setting("name", _check_name(name), process_wide=False):
+        with _setting("deterministic", bool(flag), process_wide=False):
+            yield
 
 
 def _triton_status(device: torch.device, op: str | None) -> str | None:

@@ -128,3 +128,68 @@ def test_torch_deterministic_algorithms_override_the_atomics_setting(calls):
     assert calls and all(c[3] for c in calls)
     with mxd_fast.use_deterministic(False):
         assert not B.deterministic()
+
+
+def test_overlapping_blocks_in_two_threads_leave_no_setting_behind(monkeypatch):
+    """Thread A enters its block, B enters its own, A exits, B exits: in between the block still
+    active holds for threads without a setting of their own, afterwards none does."""
+    monkeypatch.delenv("MXD_FAST_BACKEND", raising=False)
+    monkeypatch.delenv("MXD_FAST_DETERMINISTIC", raising=False)
+    a_in, b_in, a_out, b_look = (threading.Event() for _ in range(4))
+    seen = {}
+
+    def look(key):
+        seen[key] = (B.get_backend(), B.deterministic())
+
+    def a():
+        with mxd_fast.use_backend("cuda"), mxd_fast.use_deterministic(False):
+            a_in.set()
+            b_in.wait()
+        a_out.set()
+
+    def b():
+        a_in.wait()
+        with mxd_fast.use_backend("torch"), mxd_fast.use_deterministic(True):
+            b_in.set()
+            a_out.wait()
+            _in_thread(lambda: look("b only"))
+            look("b itself")
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    look("after")
+    assert seen == {"b only": ("torch", True), "b itself": ("torch", True), "after": ("auto", True)}
+
+
+def test_blocks_exiting_out_of_order_in_one_thread():
+    """Blocks entered and exited out of order in one thread (generators, coroutines) restore nothing
+    stale: the thread's innermost block still active holds."""
+    outer, inner = mxd_fast.use_backend("cuda"), mxd_fast.use_backend("torch")
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)
+    assert B.get_backend() == "torch"
+    inner.__exit__(None, None, None)
+    assert B.get_backend() == "auto"
+
+
+def test_settings_of_a_backward_pass_stay_in_its_thread(monkeypatch):
+    """The settings a backward pass runs with (its forward's) are not seen by other threads."""
+    monkeypatch.delenv("MXD_FAST_BACKEND", raising=False)
+    seen = []
+
+    def spy(op, direction, device, torch_impl):
+        if direction == "backward":
+            seen.append(B.get_backend())
+            _in_thread(lambda: seen.append(B.get_backend()))
+        return torch_impl
+
+    monkeypatch.setattr(gc_op, "kernel", spy)
+    w = torch.randn(9, 4, requires_grad=True)
+    with mxd_fast.use_backend("triton"):
+        y = mxd_fast.gather_combine(w, torch.randn(3, 2), torch.randint(0, 9, (3, 2)))
+    _in_thread(lambda: y.sum().backward())
+    assert seen == ["triton", "auto"]     # the backward's own thread, then a thread it starts

@@ -1,5 +1,7 @@
 """Bad input gets a clear exception that names the argument, from the public functions and from
 torch.ops.mxd_fast.* alike."""
+import os
+
 import pytest
 import torch
 
@@ -136,7 +138,6 @@ def test_auto_is_torch_on_cpu():
 
 def test_poison_outputs_reaches_the_extension_environment(monkeypatch):
     """The CUDA bindings read MXD_FAST_POISON; poison_outputs() sets it for its block only."""
-    import os
 
     from mxd_fast._utils import new_empty, poison_outputs
 
@@ -156,3 +157,75 @@ def test_poison_outputs_reaches_the_extension_environment(monkeypatch):
 def test_sparse_tensors_are_refused_by_name(call, name):
     with pytest.raises(TypeError, match=f"{name} must be a dense \\(strided\\) tensor"):
         call()
+
+
+@pytest.mark.parametrize("value,flag", [
+    ("1", True), ("0", False), ("true", True), ("False", False), (" yes ", True), ("no", False), ("ON", True),
+    ("off", False), ("", None), ("  ", None),
+])
+@pytest.mark.parametrize("variable,read,default", [
+    pytest.param("MXD_FAST_DETERMINISTIC", lambda: mxd_fast.backend.deterministic(), True, id="deterministic"),
+    pytest.param("MXD_FAST_POISON", lambda: mxd_fast._utils.poisoning(), False, id="poison"),
+    pytest.param("MXD_FAST_AUTOTUNE", lambda: _autotune_enabled(), True, id="autotune"),
+])
+def test_boolean_environment_variables(monkeypatch, variable, read, default, value, flag):
+    monkeypatch.setenv(variable, value)
+    assert read() is (default if flag is None else flag)
+    if variable == "MXD_FAST_POISON":   # rewritten as the CUDA bindings read it
+        assert os.environ[variable] == ("1" if flag else "0")
+
+
+def _autotune_enabled():
+    pytest.importorskip("triton")
+    from mxd_fast.kernels._device import autotune_enabled
+    return autotune_enabled()
+
+
+@pytest.mark.parametrize("value", ["2", "maybe", "y", "enabled", "1.0"])
+@pytest.mark.parametrize("variable,read", [
+    pytest.param("MXD_FAST_DETERMINISTIC", lambda: mxd_fast.backend.deterministic(), id="deterministic"),
+    pytest.param("MXD_FAST_POISON", lambda: mxd_fast._utils.new_empty((2,), f32, torch.device("cpu")), id="poison"),
+    pytest.param("MXD_FAST_AUTOTUNE", lambda: _autotune_enabled(), id="autotune"),
+])
+def test_bad_boolean_environment_variables_are_refused(monkeypatch, variable, read, value):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=f"{variable} must be one of 1/0, true/false, yes/no, on/off"):
+        read()
+
+
+def _error(call):
+    with pytest.raises((TypeError, ValueError, IndexError)) as info:
+        call()
+    return type(info.value), str(info.value)
+
+
+AUTOCAST_CASES = [
+    lambda: mxd_fast.topk_gate(**gate_args(k=2.0)),
+    lambda: mxd_fast.topk_gate(**gate_args(k=True)),
+    lambda: mxd_fast.topk_gate(**gate_args(weight=torch.randn(10, 6, device="meta"))),
+    lambda: torch.ops.mxd_fast.topk_gate(*gate_args(weight=torch.randn(10, 6, device="meta")).values()),
+    lambda: mxd_fast.topk_gate(**gate_args(bias=torch.randn(10, 1))),
+    lambda: mxd_fast.gather_combine(**gc_args(indices=torch.randint(0, 10, (4, 3)).float())),
+    lambda: torch.ops.mxd_fast.gather_combine(*gc_args(indices=torch.randint(0, 10, (4, 3)).float()).values()),
+    lambda: mxd_fast.gather_combine(**gc_args(values=torch.randn(4, 3, device="meta"))),
+    lambda: mxd_fast.mxd_decode(**decode_args(indices=torch.randint(0, 10, (4, 3)).double())),
+    lambda: torch.ops.mxd_fast.mxd_decode(*decode_args(experts=torch.randn(10, 5, device="meta")).values()),
+    lambda: mxd_fast.mxd_decode(**decode_args(bias=torch.randn(5, device="meta"))),
+]
+
+
+@pytest.mark.parametrize("call", AUTOCAST_CASES)
+def test_errors_under_autocast_describe_the_callers_arguments(call):
+    """Under torch.autocast the checks run before the cast: the same error as outside it."""
+    outside = _error(call)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _error(call) == outside
+
+
+def test_mixed_floating_dtypes_are_accepted_under_autocast():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        args = gate_args(weight=torch.randn(10, 6, dtype=f64), bias=torch.randn(10, dtype=torch.float16))
+        assert mxd_fast.topk_gate(**args)[0].dtype == torch.bfloat16
+        assert torch.ops.mxd_fast.topk_gate(*args.values())[0].dtype == torch.bfloat16
+        y = mxd_fast.mxd_decode(**decode_args(decoder=torch.randn(7, 5, dtype=f64), values=torch.rand(4, 3, dtype=f64)))
+        assert y.dtype == torch.bfloat16

@@ -1,7 +1,8 @@
 """torch.autocast support: under autocast the ops cast their floating inputs to the autocast dtype
 (like F.linear does), so an fp32 layer runs in bf16/fp16 without casting by hand. The backward ops
 (reached when backward() is called inside the autocast region) take their inputs as they are. Either
-way an op's own implementation runs with autocast off, so its internal matmuls keep its dtype."""
+way an op's own implementation runs with autocast off, so its internal matmuls keep its dtype. The
+op's checks run first, on the caller's arguments, so that errors describe those and not the casts."""
 from __future__ import annotations
 
 import torch
@@ -15,15 +16,17 @@ def _cast(value, device_type: str, dtype: torch.dtype):
     return value
 
 
-def register(op_name: str, cast: bool = True) -> None:
-    """The op's autocast kernels: cast the floating inputs (cast=True) and call the op with autocast
-    excluded."""
+def register(op_name: str, cast: bool = True, check=None) -> None:
+    """The op's autocast kernels: run check(*args, mixed_dtypes=True) if given, cast the floating inputs
+    (cast=True) and call the op with autocast excluded."""
     op = getattr(torch.ops.mxd_fast, op_name).default
     for device_type in ("cpu", "cuda"):
         key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
         dispatch_key = getattr(torch._C.DispatchKey, key)
 
         def cast_and_call(*args, _device_type=device_type, _dispatch_key=dispatch_key):
+            if check is not None:
+                check(*args, mixed_dtypes=True)
             if cast:
                 dtype = torch.get_autocast_dtype(_device_type)
                 args = tuple(_cast(a, _device_type, dtype) for a in args)

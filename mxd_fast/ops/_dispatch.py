@@ -7,6 +7,7 @@ import importlib
 
 import torch
 
+from .. import _utils
 from .. import backend as _backend
 
 
@@ -21,6 +22,7 @@ def kernel(op: str, direction: str, device: torch.device, torch_impl):
             return launch
         return functools.partial(_on_device, launch, device)
     if name == "cuda":
+        _utils.poisoning()   # spells MXD_FAST_POISON as the CUDA bindings read it
         return getattr(torch.ops.mxd_fast_cuda, f"{op}_{direction}")
     raise AssertionError(name)
 

@@ -15,13 +15,14 @@ from . import _autocast, _sparse
 from ._dispatch import kernel
 
 
-def validate_selection(weight, values, indices, weight_name: str = "weight") -> None:
-    """Checks shared by every op that reads `weight[indices]` scaled by `values`."""
+def validate_selection(weight, values, indices, weight_name: str = "weight", mixed_dtypes: bool = False) -> None:
+    """Checks shared by every op that reads `weight[indices]` scaled by `values`. mixed_dtypes: the
+    floating inputs may differ in dtype (autocast casts them to one)."""
     check_tensor(weight_name, weight, ndim=2)
     check_tensor("values", values, min_ndim=1)
     check_tensor("indices", indices, min_ndim=1)
     check_float(weight_name, weight)
-    check_float("values", values, like=(weight_name, weight))
+    check_float("values", values, like=(weight_name, weight), mixed_dtypes=mixed_dtypes)
     check_index("indices", indices, like=("values", values))
     if values.shape != indices.shape:
         raise ValueError(f"values and indices must have the same shape, got {tuple(values.shape)} "
@@ -103,7 +104,7 @@ def _backward(ctx, grad_y):
 
 
 _gather_combine_op.register_autograd(_backward, setup_context=_setup_context)
-_autocast.register("gather_combine")
+_autocast.register("gather_combine", check=validate_selection)
 _autocast.register("gather_combine_backward", cast=False)
 
 
@@ -113,6 +114,5 @@ def gather_combine(weight: Tensor, values: Tensor, indices: Tensor) -> Tensor:
     weight: [N, O]; values: [..., K] (weight's dtype); indices: [..., K] int64 or int32 in [0, N).
     Differentiable in weight and values.
     """
-    if not autocasting(weight):
-        validate_selection(weight, values, indices)
+    validate_selection(weight, values, indices, mixed_dtypes=autocasting(weight))
     return torch.ops.mxd_fast.gather_combine(weight, values, indices)

@@ -15,13 +15,14 @@ from ._dispatch import kernel
 from .gather_combine import flat_selection, validate_selection
 
 
-def _validate(z, decoder, experts, values, indices, bias):
+def _validate(z, decoder, experts, values, indices, bias, mixed_dtypes: bool = False):
+    """mixed_dtypes: the floating inputs may differ in dtype (autocast casts them to one)."""
     check_tensor("z", z, min_ndim=1)
     check_tensor("decoder", decoder, ndim=2)
     check_float("z", z)
-    check_float("decoder", decoder, like=("z", z))
-    validate_selection(experts, values, indices, weight_name="experts")
-    check_float("experts", experts, like=("z", z))
+    check_float("decoder", decoder, like=("z", z), mixed_dtypes=mixed_dtypes)
+    validate_selection(experts, values, indices, weight_name="experts", mixed_dtypes=mixed_dtypes)
+    check_float("experts", experts, like=("z", z), mixed_dtypes=mixed_dtypes)
     if decoder.shape[0] != z.shape[-1]:
         raise ValueError(f"decoder must have shape [{z.shape[-1]}, O] to match z's last dimension, "
                          f"got {tuple(decoder.shape)}")
@@ -33,7 +34,7 @@ def _validate(z, decoder, experts, values, indices, bias):
                          f"got shape {tuple(values.shape)}")
     if bias is not None:
         check_tensor("bias", bias, ndim=1)
-        check_float("bias", bias, like=("z", z))
+        check_float("bias", bias, like=("z", z), mixed_dtypes=mixed_dtypes)
         if bias.shape[0] != decoder.shape[1]:
             raise ValueError(f"bias must have shape [{decoder.shape[1]}] (O), got {tuple(bias.shape)}")
 
@@ -130,7 +131,7 @@ def _backward(ctx, grad_y):
 
 
 _mxd_decode_op.register_autograd(_backward, setup_context=_setup_context)
-_autocast.register("mxd_decode")
+_autocast.register("mxd_decode", check=_validate)
 _autocast.register("mxd_decode_backward", cast=False)
 
 
@@ -141,6 +142,5 @@ def mxd_decode(z: Tensor, decoder: Tensor, experts: Tensor, values: Tensor, indi
     z: [..., H]; decoder: [H, O]; experts: [N, O]; values, indices: [..., K]; bias: [O] or None.
     Differentiable in z, decoder, experts, values and bias.
     """
-    if not autocasting(z):
-        _validate(z, decoder, experts, values, indices, bias)
+    _validate(z, decoder, experts, values, indices, bias, mixed_dtypes=autocasting(z))
     return torch.ops.mxd_fast.mxd_decode(z, decoder, experts, values, indices, bias)

@@ -22,17 +22,18 @@ _TILE_ELEMENTS = 1 << 22
 _TILE_EXPERTS = 4096
 
 
-def _validate(x, weight, bias, k):
+def _validate(x, weight, bias, k, mixed_dtypes: bool = False):
+    """mixed_dtypes: the floating inputs may differ in dtype (autocast casts them to one)."""
     check_tensor("x", x, min_ndim=1)
     check_tensor("weight", weight, ndim=2)
     check_float("x", x)
-    check_float("weight", weight, like=("x", x))
+    check_float("weight", weight, like=("x", x), mixed_dtypes=mixed_dtypes)
     if weight.shape[1] != x.shape[-1]:
         raise ValueError(f"weight must have shape [N, {x.shape[-1]}] to match x's last dimension, "
                          f"got {tuple(weight.shape)}")
     if bias is not None:
         check_tensor("bias", bias, ndim=1)
-        check_float("bias", bias, like=("x", x))
+        check_float("bias", bias, like=("x", x), mixed_dtypes=mixed_dtypes)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must have shape [{weight.shape[0]}] (N), got {tuple(bias.shape)}")
     check_k(k, weight.shape[0], "N")
@@ -142,7 +143,7 @@ def _backward(ctx, grad_values, grad_indices):
 
 
 _topk_gate_op.register_autograd(_backward, setup_context=_setup_context)
-_autocast.register("topk_gate")
+_autocast.register("topk_gate", check=_validate)
 _autocast.register("topk_gate_backward", cast=False)
 
 
@@ -155,6 +156,5 @@ def topk_gate(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int) -> tupl
     """
     if isinstance(k, numbers.Integral) and not isinstance(k, bool):
         k = int(k)  # numpy integers too
-    if not autocasting(x):
-        _validate(x, weight, bias, k)
+    _validate(x, weight, bias, k, mixed_dtypes=autocasting(x))
     return torch.ops.mxd_fast.topk_gate(x, weight, bias, k)
