@@ -25,6 +25,8 @@ from . import report, shapes as S, timing as T
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16, "fp64": torch.float64, "float64": torch.float64}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+MODES = (*C.OP_MODES, C.TRAIN_MODE)
+PROVIDERS = tuple(dict.fromkeys(p for op in C.OPS for p in C.all_providers(op)))
 
 MEMORY_FRACTION = 0.9      # skip a case whose estimated memory exceeds this share of the free memory
 MAX_COPIES = 8             # inputs rotate over at most this many copies
@@ -35,6 +37,17 @@ class Job:
     op: str
     mode: str
     shape: S.Shape
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def positive_ints(text: str) -> list[int]:
@@ -77,26 +90,71 @@ def default_jobs(device_type: str, quick: bool) -> list[Job]:
     return jobs
 
 
+def name_list(option: str, text: str | None, known: tuple[str, ...], noun: str) -> list[str] | None:
+    """The comma-separated names of a list option, repeats dropped (order kept); None when not given."""
+    if text is None:
+        return None
+    names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not names:
+        raise SystemExit(f"{option}: no {noun} given; known: {', '.join(known)}")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"{option}: unknown {noun} {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+    return names
+
+
 def select_jobs(args, device_type: str) -> list[Job]:
-    ops = args.ops.split(",") if args.ops else None
-    modes = args.modes.split(",") if args.modes else None
-    for op in ops or ():
-        if op not in C.OPS:
-            raise SystemExit(f"unknown op {op!r}; known: {', '.join(C.OPS)}")
-    if args.shapes:
+    """The (op, mode, shape) jobs the options select. Exits naming --modes when a mode selects nothing."""
+    ops = name_list("--ops", args.ops, C.OPS, "op")
+    modes = name_list("--modes", args.modes, MODES, "mode")
+    if args.shapes is not None:
         try:
             shapes = S.resolve(S.split_specs(args.shapes), device_type)
         except ValueError as e:
             raise SystemExit(f"--shapes: {e}") from None
+        if not shapes:
+            raise SystemExit(f"--shapes: no shape given in {args.shapes!r}")
         jobs = [Job(op, mode, s) for s in shapes for op in (ops or C.OPS) for mode in C.modes_for(op)]
     else:
         jobs = [j for j in default_jobs(device_type, args.quick) if ops is None or j.op in ops]
     if modes:
-        unknown = set(modes) - {*C.OP_MODES, C.TRAIN_MODE}
-        if unknown:
-            raise SystemExit(f"unknown mode(s) {', '.join(sorted(unknown))}; known: fwd, fwd+bwd, step")
+        present = list(dict.fromkeys(j.mode for j in jobs))
+        idle = [m for m in modes if m not in present]
+        if idle:
+            cases = f"--ops {','.join(ops or C.OPS)}" + ("" if args.shapes is not None else " in the default suite")
+            owners = "; ".join(f"{m} is a mode of {', '.join(op for op in C.OPS if m in C.modes_for(op))}"
+                               for m in idle)
+            elsewhere = any(m in C.modes_for(op) for m in idle for op in ops or C.OPS)
+            hint = " (with --shapes an op runs every mode it has)" if elsewhere and args.shapes is None else ""
+            raise SystemExit(f"--modes {','.join(idle)} selects nothing: the cases of {cases} have modes "
+                             f"{', '.join(present)}; {owners}{hint}")
         jobs = [j for j in jobs if j.mode in modes]
     return jobs
+
+
+def plan_runs(jobs: list[Job], device: torch.device,
+              requested: list[str] | None) -> tuple[list[tuple[Job, list[str]]], dict]:
+    """([(job, providers to run)] for the jobs with any, {provider: why it cannot run}). Exits naming
+    --providers when a requested provider applies to none of the jobs' ops, or none can run on the device."""
+    ops = list(dict.fromkeys(j.op for j in jobs))
+    offered = list(dict.fromkeys(p for op in ops for p in C.all_providers(op)))
+    idle = [p for p in requested or () if p not in offered]
+    if idle:
+        raise SystemExit(f"--providers {','.join(idle)} selects nothing: the selected ops ({', '.join(ops)}) "
+                         f"have providers {', '.join(offered)}")
+    plan, unavailable = [], {}
+    for job in jobs:
+        run, missing = providers_for(job.op, device, requested)
+        for p, why in missing.items():
+            unavailable.setdefault(p, why)
+        if run:
+            plan.append((job, run))
+    if not plan:
+        why = "; ".join(f"{p}: {reason}" for p, reason in unavailable.items())
+        runnable = [p for p in offered if C.provider_unavailable(p, device) is None]
+        raise SystemExit(f"--providers {','.join(requested or offered)}: none can run on {device} ({why}); "
+                         f"available there: {', '.join(runnable)}")
+    return plan, unavailable
 
 
 def providers_for(op: str, device: torch.device, requested: list[str] | None) -> tuple[list[str], dict]:
@@ -237,12 +295,35 @@ def run_case(case: C.Case, cfg: T.TimingConfig, ceilings: T.Ceilings, cache: int
 
 
 def pick_device(name: str | None) -> torch.device:
-    if name:
+    """The device of --device: cpu or cuda[:i], where present (default: cuda when present)."""
+    cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    if name is None:
+        return torch.device("cuda") if cuda else torch.device("cpu")
+    here = f"available here: {', '.join(['cpu', *cuda])}"
+    try:
         device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("--device cuda asked for, but no CUDA device is available")
-        return device
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+        raise SystemExit(f"--device {name!r}: the benchmarks run on cpu or cuda[:i]; {here}")
+    if device.type == "cuda" and not cuda:
+        raise SystemExit(f"--device {name}: no CUDA device is available; {here}")
+    if device.type == "cuda" and device.index is not None and device.index >= len(cuda):
+        raise SystemExit(f"--device {name}: no such CUDA device; {here}")
+    return device
+
+
+def make_out_dir(path: str, option_given: bool) -> None:
+    """Create the output folder before anything is measured; exits naming --out when it cannot be used."""
+    where = f"--out {path}" if option_given else f"the output folder {path} (choose another with --out)"
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SystemExit(f"{where}: exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"{where}: cannot create the folder: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise SystemExit(f"{where}: the folder is not writable")
 
 
 def parse_args(argv):
@@ -258,8 +339,9 @@ def parse_args(argv):
     p.add_argument("--device", help="cpu or cuda[:i] (default: cuda when present)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="floating dtype (default fp32)")
     p.add_argument("--quick", action="store_true", help="small shapes and few repetitions")
-    p.add_argument("--reps", type=int, help="time exactly this many calls per case, after one warm-up call")
-    p.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use)")
+    p.add_argument("--reps", type=positive_int,
+                   help="time exactly this many calls per case, after one warm-up call")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: the cores this process may use)")
     p.add_argument("--out", help="output folder (default bench/results/<date>-<device>[-quick]/)")
     p.add_argument("--no-plot", action="store_true", help="do not draw the plot")
     return p.parse_args(argv)
@@ -280,16 +362,18 @@ def main(argv=None) -> int:
 def _main(args) -> int:
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype]
+    cores = len(os.sched_getaffinity(0))
+    if args.threads is not None and args.threads > cores:
+        raise SystemExit(f"--threads {args.threads}: this process may use {cores} cores; use 1 to {cores}")
     if device.type == "cpu":
-        threads = args.threads or len(os.sched_getaffinity(0))
-        torch.set_num_threads(threads)
+        torch.set_num_threads(args.threads or cores)
     jobs = select_jobs(args, device.type)
-    requested = args.providers.split(",") if args.providers else None
-    known = {p for op in C.OPS for p in C.all_providers(op)}
-    if requested and set(requested) - known:
-        raise SystemExit(f"unknown provider(s) {', '.join(sorted(set(requested) - known))}; "
-                         f"known: {', '.join(sorted(known))}")
+    requested = name_list("--providers", args.providers, PROVIDERS, "provider")
+    plan, unavailable = plan_runs(jobs, device, requested)
     now = datetime.datetime.now(datetime.timezone.utc)
+    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                       f"{now:%Y-%m-%d}-{T.device_slug(device)}{'-quick' if args.quick else ''}")
+    make_out_dir(out_dir, args.out is not None)
     cfg = T.TimingConfig.for_device(device, args.quick)
     if args.reps:
         cfg = T.TimingConfig(warmup_calls=1, warmup_time=0.0, min_reps=args.reps, max_reps=args.reps, target_time=0.0)
@@ -300,19 +384,13 @@ def _main(args) -> int:
             "ceilings": ceilings.as_dict(), "timing": dataclasses.asdict(cfg),
             "memory_method": ("torch.cuda.max_memory_allocated growth over the call" if device.type == "cuda" else
                               "growth of the resident set (VmHWM - VmRSS before the call)"),
-            "load_average": os.getloadavg(), "unavailable": {}}
-    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                       f"{now:%Y-%m-%d}-{T.device_slug(device)}{'-quick' if args.quick else ''}")
-    os.makedirs(out_dir, exist_ok=True)
+            "load_average": os.getloadavg(), "unavailable": unavailable}
     cache = T.cache_bytes(device)
-    print(f"mxd_fast bench: {len(jobs)} op/shape/mode cases on {meta['device_name']} ({device}), "
+    print(f"mxd_fast bench: {len(plan)} op/shape/mode cases on {meta['device_name']} ({device}), "
           f"{meta['dtype']}, ceilings: matmul {ceilings.matmul_flops / 1e12:.3g} TFLOP/s, "
           f"copy {ceilings.copy_bytes / 1e9:.3g} GB/s", flush=True)
     rows: list[dict] = []
-    for job in jobs:
-        providers, missing = providers_for(job.op, device, requested)
-        for p, why in missing.items():
-            meta["unavailable"].setdefault(p, why)
+    for job, providers in plan:
         cases = [C.make_case(job.op, job.mode, p, job.shape, dtype, device) for p in providers]
         group = run_group(cases, cfg, ceilings, cache)
         for row in group:

@@ -89,6 +89,9 @@ def parse_shape(spec: str, sweep: str = "") -> Shape:
             raise ValueError(f"bad shape override {item!r} in {spec!r}: use KEY=int with KEY in T, K, N, H, d")
         changed[_KEYS[key.upper()]] = int(value)
     fields.update(changed)
+    empty = [f"{k}={fields[k]}" for k in ("T", "d", "H") if fields[k] < 1]
+    if empty:
+        raise ValueError(f"shape {spec!r}: T, d and H must be >= 1, got {', '.join(empty)}")
     if ("d" in changed or "H" in changed) and "N" not in changed:
         fields["N"] = budget_experts(fields["d"], fields["H"])
     label = name if not changed else f"{name}:" + ",".join(f"{k}={v}" for k, v in changed.items())
@@ -107,12 +110,18 @@ def sweep(kind: str, base: Shape) -> list[Shape]:
         return Shape(name=label, sweep=kind, **fields)
 
     if kind == "K":
-        return [variant(K=k) for k in SWEEP_K if k <= base.N]
-    if kind == "N":
-        return [variant(N=n) for n in SWEEP_N if n >= base.K]
-    if kind == "T":
-        return [variant(T=t) for t in SWEEP_T]
-    raise ValueError(f"unknown sweep {kind!r}: use K, N or T")
+        shapes = [variant(K=k) for k in SWEEP_K if k <= base.N]
+    elif kind == "N":
+        shapes = [variant(N=n) for n in SWEEP_N if n >= base.K]
+    elif kind == "T":
+        shapes = [variant(T=t) for t in SWEEP_T]
+    else:
+        raise ValueError(f"unknown sweep {kind!r}: use K, N or T")
+    if not shapes:
+        values = {"K": SWEEP_K, "N": SWEEP_N}[kind]
+        raise ValueError(f"sweep over {kind} of {base.label()}: none of {kind} = {', '.join(map(str, values))} "
+                         f"satisfies K <= N")
+    return shapes
 
 
 def cpu_scaled(kind: str) -> list[Shape]:

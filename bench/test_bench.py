@@ -299,6 +299,95 @@ def test_cli_rejects_unknown_names():
             cli.main(["--device", "cpu", "--quick", *argv])
 
 
+def _cli_exit_message(argv, capsys) -> str:
+    """What cli.main exits with: its SystemExit message, or argparse's error on stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    code = exit_info.value.code
+    return code if isinstance(code, str) else capsys.readouterr().err
+
+
+def test_cli_rejects_bad_numbers(tmp_path, capsys):
+    too_many_threads = str(len(os.sched_getaffinity(0)) + 1)
+    for argv, message in ((["--reps", "-1"], "argument --reps: expected an integer >= 1"),
+                          (["--reps", "0"], "argument --reps: expected an integer >= 1"),
+                          (["--reps", "two"], "argument --reps: expected an integer, got 'two'"),
+                          (["--threads", "-1"], "argument --threads: expected an integer >= 1"),
+                          (["--threads", "0"], "argument --threads: expected an integer >= 1"),
+                          (["--threads", too_many_threads], f"--threads {too_many_threads}: this process may use")):
+        out = tmp_path / argv[0].strip("-") / argv[1]
+        message_got = _cli_exit_message(["--quick", "--device", "cpu", "--shapes", "tiny", "--ops", "gather_combine",
+                                         "--modes", "fwd", "--out", str(out), "--no-plot", *argv], capsys)
+        assert message in message_got, argv
+        assert not out.exists(), argv
+
+
+def test_cli_rejects_unusable_devices(tmp_path, capsys):
+    for device, message in (("bogus", "--device 'bogus': the benchmarks run on cpu or cuda[:i]; available here: cpu"),
+                            ("meta", "--device 'meta': the benchmarks run on cpu or cuda"),
+                            ("cpu:1", "--device 'cpu:1': the benchmarks run on cpu or cuda"),
+                            ("", "--device '': the benchmarks run on cpu or cuda"),
+                            ("cuda:99", "--device cuda:99: no ")):
+        got = _cli_exit_message(["--quick", "--device", device, "--shapes", "tiny", "--ops", "gather_combine",
+                                 "--out", str(tmp_path), "--no-plot"], capsys)
+        assert message in got, device
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_cli_exits_when_a_selection_selects_nothing(tmp_path, capsys):
+    for argv, message in (
+            (["--ops", "topk_gate", "--modes", "step"],
+             "--modes step selects nothing: the cases of --ops topk_gate in the default suite have modes fwd, fwd+bwd; "
+             "step is a mode of train"),
+            (["--ops", "topk_gate", "--modes", "fwd,step", "--shapes", "tiny"],
+             "--modes step selects nothing: the cases of --ops topk_gate have modes fwd, fwd+bwd"),
+            (["--ops", "train", "--modes", "fwd+bwd"],
+             "--modes fwd+bwd selects nothing: the cases of --ops train in the default suite have modes step; "
+             "fwd+bwd is a mode of topk_gate, gather_combine, mxd_decode, train (with --shapes an op runs every mode"),
+            (["--ops", "topk_gate", "--providers", "mlp", "--shapes", "tiny"],
+             "--providers mlp selects nothing: the selected ops (topk_gate) have providers reference, gemm+topk, "),
+            (["--ops", "topk_gate", "--providers", "cuda", "--shapes", "tiny"],
+             "--providers cuda: none can run on cpu (cuda: "),
+            (["--ops", ","], "--ops: no op given; known: topk_gate, "),
+            (["--modes", ""], "--modes: no mode given; known: fwd, fwd+bwd, step"),
+            (["--shapes", ","], "--shapes: no shape given"),
+            (["--shapes", "sweep-k@tiny:N=10"], "--shapes: sweep over K of tiny:N=10"),
+            (["--shapes", "tiny:H=0"], "--shapes: shape 'tiny:H=0': T, d and H must be >= 1, got H=0")):
+        got = _cli_exit_message(["--quick", "--device", "cpu", "--out", str(tmp_path), "--no-plot", *argv], capsys)
+        assert message in got, argv
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_cli_drops_repeated_names(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "measure_ceilings", lambda *a, **kw: T.Ceilings(1e12, 1, 1e11, 1))
+    rc = cli.main(["--quick", "--device", "cpu", "--shapes", "tiny,tiny", "--ops", "gather_combine,gather_combine",
+                   "--modes", "fwd,fwd", "--providers", "reference,torch,reference", "--reps", "1",
+                   "--out", str(tmp_path), "--no-plot"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["op"], r["mode"], r["shape"], r["provider"]) for r in rows] == [
+        ("gather_combine", "fwd", "tiny", "reference"), ("gather_combine", "fwd", "tiny", "torch")]
+    assert cli.name_list("--ops", " train, topk_gate,train ,", C.OPS, "op") == ["train", "topk_gate"]
+
+
+def test_cli_rejects_an_unusable_out(tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for out, message in ((a_file, f"--out {a_file}: exists and is not a folder"),
+                         (a_file / "below", f"--out {a_file / 'below'}: cannot create the folder: ")):
+        got = _cli_exit_message(["--quick", "--device", "cpu", "--shapes", "tiny", "--ops", "gather_combine",
+                                 "--modes", "fwd", "--reps", "1", "--out", str(out), "--no-plot"], capsys)
+        assert message in got, out
+
+
+def test_shape_specs_reject_empty_sizes():
+    for spec, bad in (("tiny:T=0", "T=0"), ("tiny:d=0", "d=0"), ("gpt2:H=0,T=0", "T=0, H=0")):
+        with pytest.raises(ValueError, match=f"T, d and H must be >= 1, got {bad}"):
+            S.parse_shape(spec)
+    with pytest.raises(ValueError, match="none of K = 16, 32, 64, 128, 256 satisfies K <= N"):
+        S.resolve(["sweep-k@tiny:N=10"], "cpu")
+
+
 def test_profile_cli(capsys):
     from bench import profile
 
