@@ -117,12 +117,13 @@ def run_all(out: Path, archs: list[str], ks: list[int], train_args: list[str], j
     return errors
 
 
-def collect(out: Path, archs: list[str], ks: list[int]) -> list[dict]:
+def collect(out: Path, archs: list[str], ks: list[int], failed=()) -> list[dict]:
+    """One row per run: its metrics.json, none for the (arch, k) in `failed` (an older run's file may be there)."""
     rows = []
     for k in ks:
         for arch in archs:
             path = _run_dir(out, arch, k) / METRICS_FILE
-            m = json.loads(path.read_text()) if path.exists() else {}
+            m = json.loads(path.read_text()) if path.exists() and (arch, k) not in failed else {}
             rows.append({"arch": arch, "k": k, **m})
     return rows
 
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     errors = run_all(out, args.archs, args.k, train_args, args.jobs, args.timeout)
-    rows = collect(out, args.archs, args.k)
+    rows = collect(out, args.archs, args.k, failed={key for key, e in errors.items() if e})
     text = table(rows, args.archs)
     failed = {f"{a} K={k}": e for (a, k), e in errors.items() if e}
     if failed:

@@ -102,6 +102,16 @@ def num_layers(model: nn.Module) -> int:
     return 0
 
 
+def max_positions(model: nn.Module) -> Optional[int]:
+    """The longest context the model's position embeddings allow, if its config says."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def model_dims(model: nn.Module, layer: int) -> dict:
     """d (model width), the MLP's hidden width H, its activation (a key of mxd_fast.module.ACTIVATIONS, or
     None if it has none: `model_activation` names it) and whether it is gated (gate_proj * up_proj)."""
@@ -195,6 +205,8 @@ class Harvester:
 def _expand(paths: Iterable[str]) -> list[Path]:
     files: list[Path] = []
     for p in paths:
+        if not str(p).strip():
+            raise FileNotFoundError("an empty path (an unset variable?)")
         path = Path(p)
         if path.is_dir():
             files += sorted(f for f in path.rglob("*") if f.is_file() and f.name.endswith(TEXT_SUFFIXES))
@@ -229,7 +241,10 @@ def read_documents(paths: Iterable[str]) -> list[str]:
                     if text.strip():
                         docs.append(text)
         else:
-            text = f.read_text(encoding="utf-8", errors="replace")
+            data = f.read_bytes()
+            if b"\x00" in data:
+                raise ValueError(f"{f}: not a text file (it has NUL bytes; compressed or binary?)")
+            text = data.decode("utf-8", errors="replace")
             if text.strip():
                 docs.append(text)
     return docs
@@ -337,6 +352,19 @@ class TokenStream:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.pos, self.carry = int(state["epoch"]), int(state["pos"]), list(state["carry"])
         self._order = self._make_order()
+
+
+def held_out_contexts(docs: Sequence[str], tokenizer, context: int, n: int) -> Tensor:
+    """Up to n contexts [m, context] from the documents in order, each token at most once (unlike
+    TokenStream, which starts another pass over the documents when they run out)."""
+    stream = TokenStream(docs, tokenizer, context, shuffle=False)
+    tokens: list[int] = []
+    for doc in docs:
+        if len(tokens) >= n * context:
+            break
+        tokens += stream._encode(doc)
+    m = min(n, len(tokens) // context)
+    return torch.tensor(tokens[:m * context], dtype=torch.int64).view(m, context)
 
 
 class ActivationBuffer:

@@ -42,4 +42,6 @@ def report() -> str:
 
 
 if __name__ == "__main__":
+    import argparse
+    argparse.ArgumentParser(prog="python -m mxd_fast.info", description=__doc__).parse_args()
     print(report())

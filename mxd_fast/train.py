@@ -42,10 +42,12 @@ from .transcoder import TopKTranscoder
 ARCHS = ("mxd", "transcoder", "skip-transcoder")
 # Options a resumed run must share with the run that wrote its checkpoint.
 RUN_OPTIONS = ("model", "layer", "arch", "k", "experts", "budget", "hidden", "activation", "glu", "batch", "lr",
-               "warmup", "normalize", "dtype", "model_dtype", "context", "buffer", "harvest_contexts", "text", "seed")
+               "warmup", "normalize", "dtype", "model_dtype", "context", "buffer", "harvest_contexts", "text", "eval_text",
+               "seed")
 PARALLEL = ("ddp", "fsdp")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 LAYER_FILE, CONFIG_FILE, METRICS_FILE = "layer.safetensors", "config.json", "metrics.json"
+HISTORY_FILE, FIRING_FILE, PLOT_FILE = "history.json", "firing_counts.pt", "training_curve.png"
 
 __all__ = ["ARCHS", "build_layer", "budget_parameters", "size_for_budget", "mxd_loss", "load_layer", "save_layer",
            "splice_layer", "spliced", "SplicedMLP", "ZeroMLP", "FiringStats", "atomic_save", "main"]
@@ -285,11 +287,21 @@ class FiringStats:
         self.window_tokens = int(state["window_tokens"])
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def _atomic(path: Path, write) -> None:
     """write(tmp_path) then os.replace(tmp_path, path): a reader never sees a partial file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp makes it 0600; a run's files are as readable as open() makes them
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -342,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eval-batch", type=int, default=8, help="contexts per evaluation forward pass")
     a("--out", default=None, help="run folder (default runs/<arch>)")
     a("--resume", action="store_true", help="continue from the checkpoint in --out")
+    a("--overwrite", action="store_true", help="replace the run already in --out (without it, a folder holding a "
+      "run is refused)")
     a("--checkpoint-every", type=int, default=0, help="write a checkpoint every N steps (0: at the end only)")
     a("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this many steps in total; "
       "--resume continues")
@@ -358,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--backend", default="auto", choices=("auto", "torch", "triton", "cuda", "reference"),
       help="mxd_fast op backend; reference: train with the paper's dense computation (to compare throughput)")
     a("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="0 .. 2**32 - 1")
     a("--threads", type=int, default=None, help="torch CPU threads")
     a("--no-plot", action="store_true")
     a("--quiet", action="store_true", help="no progress bar")
@@ -385,6 +399,12 @@ def _resolve(args) -> argparse.Namespace:
         value = getattr(args, name, None)
         if value is not None and value < 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise SystemExit(f"--seed must be in 0 .. 2**32 - 1, got {args.seed}")
+    if args.resume and args.overwrite:
+        raise SystemExit("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f"--out {args.out}: exists and is not a folder")
     if args.experts is not None and args.experts < args.k:
         raise SystemExit(f"--experts {args.experts} must be at least --k {args.k}")
     if not 0 < args.lr < math.inf:
@@ -619,6 +639,14 @@ def _documents(option: str, paths: Sequence[str]) -> list:
     return docs
 
 
+def run_files(out: Path) -> list:
+    """The files of a run (finished or stopped) in the folder `out`."""
+    if not out.is_dir():
+        return []
+    names = (LAYER_FILE, CONFIG_FILE, METRICS_FILE, HISTORY_FILE, FIRING_FILE, PLOT_FILE)
+    return sorted([out / n for n in names if (out / n).exists()] + list(out.glob("checkpoint-rank*.pt")))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = _resolve(build_parser().parse_args(argv))
     if args.threads:
@@ -627,10 +655,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     log = _Log(rank, args.quiet)
     device = _device(args.device, local_rank)
     out = Path(args.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    if world > 1:
-        dist.barrier()
     if args.batch % world:
         raise SystemExit(f"--batch {args.batch} must be a multiple of the number of ranks ({world})")
     rank_batch = args.batch // world
@@ -641,6 +665,30 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if not ckpt_path.exists():
             raise SystemExit(f"--resume: no checkpoint {ckpt_path}")
         resume_state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        done = int(resume_state["step"])
+        if done > steps:
+            raise SystemExit(f"--resume: {ckpt_path} is at step {done}, past the {steps} steps of --tokens "
+                             f"{args.tokens}; --tokens may grow, not shrink")
+        if done == steps and (out / METRICS_FILE).exists():
+            raise SystemExit(f"--resume: the run in {out} has finished its {steps} steps; raise --tokens to train "
+                             "it further")
+    else:
+        present = run_files(out)
+        if present and not args.overwrite:
+            raise SystemExit(f"--out {out} holds a run ({', '.join(p.name for p in present)}): --resume it, choose "
+                             "another --out, or --overwrite it")
+        if world > 1:
+            dist.barrier()   # every rank has looked before rank 0 removes anything
+        if rank == 0:
+            for p in present:
+                p.unlink(missing_ok=True)
+    if rank == 0:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SystemExit(f"--out {out}: cannot create the folder ({err})") from None
+    if world > 1:
+        dist.barrier()
     if args.warmup is not None:
         warmup = args.warmup
     elif resume_state is not None and "warmup" in resume_state:
@@ -666,6 +714,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     log(f"loading {'the embedded SmolLM2-135M-Instruct (GGUF)' if args.model is None else args.model} on {device}")
     model, tokenizer = H.load_model(args.model, device=device, dtype=DTYPES[args.model_dtype])
     n_layers = H.num_layers(model)
+    positions = H.max_positions(model)
+    if positions is not None and args.context > positions:
+        raise SystemExit(f"--context {args.context} is longer than the model's {positions} positions")
     if args.layer is None:
         args.layer = n_layers // 2
     if args.layer < 0 or (n_layers and args.layer >= n_layers):
@@ -685,7 +736,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     # layer
     width = int(round(args.budget * d))
     budget = budget_parameters(d, d, width)
-    size = args.experts or size_for_budget(args.arch, width, d, hidden, d, activation, glu, args.k)
+    try:
+        size = args.experts or size_for_budget(args.arch, width, d, hidden, d, activation, glu, args.k)
+    except ValueError as err:
+        raise SystemExit(f"--budget {args.budget} with --k {args.k}: {err}, lower --k, or set --experts") from None
     layer = build_layer(args.arch, d, d, args.k, size, d_hidden=hidden, activation=activation, glu=glu,
                         device=device)
     if args.arch == "mxd":
@@ -819,7 +873,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if layer is not None and (x_scale, y_scale) != (1.0, 1.0):
             layer = fold_scales(layer if sharded else copy.deepcopy(layer), x_scale, y_scale)
     trained_tokens = (step - start_step) * args.batch
-    tokens_per_s = trained_tokens / max(train_seconds, 1e-9)
+    tokens_per_s = trained_tokens / max(train_seconds, 1e-9) if trained_tokens else None   # None: nothing trained
     if not finished:
         log(f"stopped at step {step} of {steps}: continue with --resume")
         if world > 1:
@@ -835,7 +889,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             "dead_fraction": stats.dead_fraction(step * args.batch, args.dead_window),
             "loss": last.get("loss"), "tokens": step * args.batch, "tokens_per_s": tokens_per_s,
             "train_seconds": train_seconds, "harvest_seconds": buffer.harvest_seconds - harvest_s0,
-            "layer_tokens_per_s": trained_tokens / max(train_seconds - (buffer.harvest_seconds - harvest_s0), 1e-9),
+            "layer_tokens_per_s": (trained_tokens / max(train_seconds - (buffer.harvest_seconds - harvest_s0), 1e-9)
+                                   if trained_tokens else None),
             "parameters": n_params, "parameter_budget": budget, "size": size, "k": args.k, "layer": args.layer,
             "d": d, "hidden": hidden if args.arch == "mxd" else None, "world_size": world,
             "parallel": args.parallel if world > 1 else None,
@@ -847,23 +902,31 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                "train": {k: (v if not isinstance(v, Path) else str(v)) for k, v in vars(args).items()},
                "corpus": corpus}
         save_layer(layer, out, cfg)
-        if args.eval_tokens > 0 and eval_docs:
+        contexts = None
+        if args.eval_tokens > 0 and not eval_docs:
+            log("no held-out documents (give --eval-text): no CE evaluation")
+        elif args.eval_tokens > 0:
             n_ctx = max(1, args.eval_tokens // args.context)
-            eval_stream = H.TokenStream(eval_docs, tokenizer, args.context, seed=12345, shuffle=False)
-            contexts = eval_stream.next_contexts(n_ctx)
-            log(f"evaluating on {n_ctx} held-out contexts of {args.context} tokens")
+            contexts = H.held_out_contexts(eval_docs, tokenizer, args.context, n_ctx)
+            if contexts.shape[0] < n_ctx:
+                log(f"the held-out text has {contexts.shape[0]} contexts of {args.context} tokens, not the "
+                    f"{n_ctx} --eval-tokens asks for: evaluating on those (each token once)")
+            if contexts.shape[0] == 0:
+                contexts = None
+        if contexts is not None:
+            log(f"evaluating on {contexts.shape[0]} held-out contexts of {args.context} tokens")
             t_eval = time.perf_counter()
             with use_backend(op_backend(args)):
                 metrics.update(evaluate(model, layer, args.layer, contexts, batch=args.eval_batch))
             metrics["eval_seconds"] = time.perf_counter() - t_eval
         metrics["wall_seconds"] = time.perf_counter() - t_start
         _atomic(out / METRICS_FILE, lambda p: Path(p).write_text(json.dumps(metrics, indent=2) + "\n"))
-        _atomic(out / "history.json", lambda p: Path(p).write_text(json.dumps(history) + "\n"))
+        _atomic(out / HISTORY_FILE, lambda p: Path(p).write_text(json.dumps(history) + "\n"))
         stats_total = {"firing_counts": stats.total.cpu()}
-        atomic_save(stats_total, out / "firing_counts.pt")
+        atomic_save(stats_total, out / FIRING_FILE)
         if not args.no_plot:
             title = f"{args.arch} K={args.k} size={size} on layer {args.layer}"
-            if not _plot(history, out / "training_curve.png", title):
+            if not _plot(history, out / PLOT_FILE, title):
                 log("matplotlib is not installed: no training_curve.png")
         log(_summary(metrics, out))
     if world > 1:
@@ -882,8 +945,8 @@ def _summary(m: dict, out: Path) -> str:
              f"  nmse {f('nmse')}  l0 {f('l0', '{:.1f}')}  dead {f('dead_fraction', '{:.3f}')}  "
              f"{f('tokens', '{:,}')} tokens at {f('tokens_per_s', '{:.0f}')} tok/s"]
     if "ce_clean" in m:
-        lines.append(f"  CE clean {f('ce_clean')}  spliced {f('ce_spliced')} (+{f('delta_ce')})  "
-                     f"zero-ablated {f('ce_zero_ablation')} (+{f('delta_ce_zero_ablation')})  "
+        lines.append(f"  CE clean {f('ce_clean')}  spliced {f('ce_spliced')} ({f('delta_ce', '{:+.4f}')})  "
+                     f"zero-ablated {f('ce_zero_ablation')} ({f('delta_ce_zero_ablation', '{:+.4f}')})  "
                      f"CE recovered {f('ce_recovered', '{:.1%}')}  KL {f('kl_spliced')} "
                      f"(zero-ablated {f('kl_zero_ablation')})")
         lines.append(f"  held-out nmse {f('eval_nmse')}  fvu {f('eval_fvu')}  l0 {f('eval_l0', '{:.1f}')}")

@@ -6,8 +6,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import random
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -460,6 +462,7 @@ def test_time_limit_ends_the_run_at_a_logging_window_and_evaluates_it(tiny, tmp_
     ("--eval-tokens", "-5"), ("--budget", "0"), ("--log-every", "0"), ("--eval-batch", "0"), ("--dead-window", "0"),
     ("--stop-after", "0"), ("--threads", "0"), ("--checkpoint-every", "-1"), ("--lr", "inf"), ("--budget", "inf"),
     ("--experts", "3"),   # fewer than --k 4
+    ("--seed", "-1"), ("--seed", str(2 ** 63 - 1)),
 ])
 def test_bad_options_exit_naming_the_option(tiny, tmp_path, option, value):
     """Checked before the model loads: an explicit 0 is not read as "the default"."""
@@ -479,6 +482,8 @@ def test_bad_device_or_model_exit_before_loading(tiny, tmp_path, option, value, 
 
 @pytest.mark.parametrize("option,name,content,message", [
     ("--text", "missing.txt", None, "no text file or folder"),
+    ("--text", "", None, "an empty path"),
+    ("--text", "data.jsonl.gz", b"\x1f\x8b\x08\x00\x00\x00\x00\x00", "not a text file (it has NUL bytes"),
     ("--text", "empty.txt", "  \n", "no training documents"),
     ("--text", "bad.jsonl", '{"body": "x"}\n', 'bad.jsonl:1: no string field "text"'),
     ("--eval-text", "empty.txt", "", "no documents"),
@@ -486,8 +491,10 @@ def test_bad_device_or_model_exit_before_loading(tiny, tmp_path, option, value, 
 ])
 def test_bad_text_exits_naming_the_option_before_loading(tiny, tmp_path, monkeypatch, option, name, content,
                                                          message):
-    path = tmp_path / name
-    if content is not None:
+    path = tmp_path / name if name else ""
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content)
     monkeypatch.setattr(H, "load_model", lambda *a, **k: pytest.fail("the model loaded before the text was read"))
     with pytest.raises(SystemExit, match=f"{option}: .*{re.escape(message)}"):
@@ -507,6 +514,36 @@ def test_model_without_mxd_activation_or_mlp_module_exits_naming_the_option(tiny
     del block.mlp
     with pytest.raises(SystemExit, match=r"--model .*: no MLP module named '<blocks>\.1\.mlp'"):
         T.main(_args(tiny, tmp_path / "c"))
+
+
+def test_options_the_model_cannot_take_exit_naming_them(tiny, tmp_path):
+    with pytest.raises(SystemExit, match="--context 100 is longer than the model's 64 positions"):
+        T.main(_args(tiny, tmp_path / "a", "--context", "100"))
+    with pytest.raises(SystemExit, match="--budget 8.0 with --k 200: .* fewer than k = 200: raise --budget, lower --k, "
+                                         "or set --experts"):
+        T.main(_args(tiny, tmp_path / "b", "--k", "200"))
+
+
+def test_evaluation_reads_each_held_out_token_once(tiny, tmp_path, capsys):
+    one_doc = tmp_path / "held.txt"
+    one_doc.write_text(" ".join(["word"] * 60))   # about 300 byte-level tokens: 18 contexts of 16
+    contexts = H.held_out_contexts([one_doc.read_text()], tiny["tokenizer"], 16, 1000)
+    assert 10 < contexts.shape[0] < 1000 and len({tuple(c.tolist()) for c in contexts}) > 1
+    metrics = T.main([a for a in _args(tiny, tmp_path / "run", "--eval-text", str(one_doc), "--eval-tokens", "16000")
+                      if a != "--quiet"])
+    assert metrics["eval_tokens"] == contexts.shape[0] * 15   # predicted tokens: 15 per context
+    assert f"the held-out text has {contexts.shape[0]} contexts of 16 tokens, not the 1000" in capsys.readouterr().out
+    few = H.held_out_contexts(["ab"], tiny["tokenizer"], 16, 4)
+    assert few.shape == (0, 16)
+    # a single training file leaves no held-out document: said, and no CE keys
+    metrics = T.main([a for a in _args(tiny, tmp_path / "one", "--text", str(one_doc)) if a != "--quiet"])
+    assert "ce_clean" not in metrics and "no held-out documents (give --eval-text)" in capsys.readouterr().out
+
+
+def test_summary_signs_the_ce_increase():
+    text = T._summary({"ce_clean": 3.0, "ce_spliced": 2.9995, "delta_ce": -0.0005, "ce_zero_ablation": 3.2,
+                       "delta_ce_zero_ablation": 0.2}, Path("run"))
+    assert "(-0.0005)" in text and "(+0.2000)" in text
 
 
 @pytest.mark.parametrize("arch", ["transcoder", "skip-transcoder"])
@@ -549,10 +586,44 @@ def test_resume_refuses_other_options_and_may_train_longer(tiny, tmp_path):
     out = tmp_path / "run"
     args = ("--eval-tokens", "0", "--seed", "3")
     T.main(_args(tiny, out, *args, "--stop-after", "7"))
-    for option, value in (("--k", "3"), ("--lr", "1e-3"), ("--batch", "24"), ("--seed", "4"), ("--layer", "0")):
+    for option, value in (("--k", "3"), ("--lr", "1e-3"), ("--batch", "24"), ("--seed", "4"), ("--layer", "0"),
+                          ("--eval-text", tiny["jsonl"])):   # held-out documents leave the training ones
         with pytest.raises(SystemExit, match=f"--resume: .* other options \\({option} "):
             T.main(_args(tiny, out, *args, "--resume", option, value))
+    with pytest.raises(SystemExit, match="--resume: .* is at step 7, past the 5 steps of --tokens 240; --tokens may "
+                                         "grow, not shrink"):
+        T.main(_args(tiny, out, *args, "--resume", "--tokens", "240"))
     assert T.main(_args(tiny, out, *args, "--resume", "--tokens", "1200"))["tokens"] == 1200
+    with pytest.raises(SystemExit, match="--resume: the run in .* has finished its 25 steps; raise --tokens"):
+        T.main(_args(tiny, out, *args, "--resume", "--tokens", "1200"))
+
+
+def test_a_run_folder_is_not_overwritten_unless_asked(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = ("--eval-tokens", "0")
+    T.main(_args(tiny, out, *args, "--k", "3"))
+    with pytest.raises(SystemExit, match="--out .* holds a run \\(.*config.json.*layer.safetensors.*\\): --resume it"):
+        T.main(_args(tiny, out, *args, "--stop-after", "2"))
+    assert T.load_layer(out).k == 3
+    T.main(_args(tiny, out, *args, "--stop-after", "2", "--overwrite"))   # the finished run's files are gone
+    assert [p.name for p in T.run_files(out)] == ["checkpoint-rank0.pt"]
+    with pytest.raises(SystemExit, match="--out .* holds a run \\(checkpoint-rank0.pt\\)"):
+        T.main(_args(tiny, out, *args))
+    with pytest.raises(SystemExit, match="give one of them"):
+        T.main(_args(tiny, out, *args, "--resume", "--overwrite"))
+    assert not T.main(_args(tiny, out, *args, "--resume")).get("stopped")
+    with pytest.raises(SystemExit, match="--resume: no checkpoint"):
+        T.main(_args(tiny, tmp_path / "never", *args, "--resume"))
+    assert not (tmp_path / "never").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="--out .*file: exists and is not a folder"):
+        T.main(_args(tiny, tmp_path / "file", *args))
+
+
+def test_run_files_follow_the_umask(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "_UMASK", 0o022)   # as read at import
+    T._atomic(tmp_path / "a.txt", lambda p: Path(p).write_text("x"))
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644   # not mkstemp's 0600
 
 
 def test_train_compare_runs_each_arch_and_k_and_tables_them(tiny, tmp_path, capsys):
@@ -576,6 +647,10 @@ def test_train_compare_runs_each_arch_and_k_and_tables_them(tiny, tmp_path, caps
     assert text.count("| 4 | transcoder |") == 1 and "K = 2: CE increase MxD" in text
     assert "K = 4: KL from the clean model MxD" in text
     assert text in capsys.readouterr().out
+    # run again into the same folder: every run refuses it (it holds a run), and no old number is tabled
+    assert TC.main(["--k", "2", "--archs", "mxd", "--out", str(out), "--", *args]) == 1
+    again = json.loads((out / "compare.json").read_text())
+    assert again["rows"] == [{"arch": "mxd", "k": 2}] and "holds a run" in again["failed"]["mxd K=2"]
     # a failed run is reported with its log, and the exit status says so
     assert TC.main(["--k", "3", "--archs", "mxd", "--out", str(tmp_path / "bad"), "--", *args, "--batch", "0"]) == 1
     assert "exit 1:" in (tmp_path / "bad" / "compare.md").read_text()
