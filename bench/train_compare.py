@@ -9,7 +9,8 @@ Everything after `--` goes to every `python -m mxd_fast.train` run (model, layer
 except the MxD-only options (--hidden, --activation, --glu), which go to the MxD runs only. Each run gets
 its own folder `<out>/<arch>-k<K>` and its own log. --jobs runs several trainings at once (one device is
 often far from busy with one small layer). The table is printed and written to `<out>/compare.md` and
-`<out>/compare.json`; runs that failed are listed with their log's tail.
+`<out>/compare.json`; runs that failed are listed with their log's tail. A run folder that holds a run
+is refused by the trainer: pass `-- --overwrite` to replace earlier runs, or `-- --resume` to continue them.
 """
 from __future__ import annotations
 

@@ -3,14 +3,13 @@ cross-entropy: clean, with the layer spliced in, and with the MLP zero-ablated (
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .harvest import Harvester, find_mlp
-from .module import MxD
-from .transcoder import TopKTranscoder
 
 
 class SplicedMLP(nn.Module):
@@ -35,16 +34,22 @@ class ZeroMLP(nn.Module):
 
 
 def splice_layer(model: nn.Module, layer_index: int, layer: nn.Module) -> nn.Module:
-    """Replace the MLP of block `layer_index` by `layer`: an MxD or TopKTranscoder goes in wrapped in
-    SplicedMLP (the model's dtype and shape in and out); any other module goes in as it is, so it must
-    take the MLP's input (wrap it in SplicedMLP yourself to get the casts). Returns the MLP that was
-    replaced, so that `splice_layer(model, i, old)` restores the model exactly."""
+    """Replace the MLP of block `layer_index` by `layer`, wrapped in SplicedMLP (the model's dtype and
+    shape in and out) unless it takes the MLP's input as it is: ZeroMLP, a SplicedMLP, a module marked
+    `_is_mlp_replacement = True`, or a module an earlier splice_layer took out. Returns the module that
+    was replaced, so that `splice_layer(model, i, old)` restores the model exactly."""
     if not isinstance(layer, nn.Module):
         raise TypeError(f"layer must be an nn.Module, got {type(layer).__name__}")
     parent, attr, _ = find_mlp(model, layer_index)
     old = getattr(parent, attr)
-    setattr(parent, attr, SplicedMLP(layer) if isinstance(layer, (MxD, TopKTranscoder)) else layer)
+    as_is = (isinstance(layer, (SplicedMLP, ZeroMLP)) or getattr(layer, "_is_mlp_replacement", False)
+             or layer in _TAKEN_OUT)
+    setattr(parent, attr, layer if as_is else SplicedMLP(layer))
+    _TAKEN_OUT.add(old)
     return old
+
+
+_TAKEN_OUT: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()   # modules splice_layer replaced
 
 
 @contextlib.contextmanager

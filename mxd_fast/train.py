@@ -288,12 +288,17 @@ class FiringStats:
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-_UMASK = _umask()
 
 
 def _atomic(path: Path, write) -> None:
@@ -301,7 +306,7 @@ def _atomic(path: Path, write) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp makes it 0600; a run's files are as readable as open() makes them
+    os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes it 0600; a run's files are as readable as open() makes them
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -647,6 +652,30 @@ def run_files(out: Path) -> list:
     return sorted([out / n for n in names if (out / n).exists()] + list(out.glob("checkpoint-rank*.pt")))
 
 
+def _refuse_other_options(resume_state: dict, args, ckpt_path: Path, world: int) -> None:
+    """SystemExit if the checkpoint was trained with other RUN_OPTIONS or another layout of ranks."""
+    sharded = world > 1 and args.parallel == "fsdp"
+    saved = (resume_state.get("world", world), resume_state.get("fsdp", False))
+    if saved != (world, sharded):
+        raise SystemExit(f"--resume: {ckpt_path} was written by {saved[0]} rank(s)"
+                         f"{' with --parallel fsdp' if saved[1] else ''}; resume the same way")
+    before = resume_state.get("args", {})
+    changed = [f"--{key.replace('_', '-')} {before[key]!r} -> {getattr(args, key)!r}"
+               for key in RUN_OPTIONS if key in before and before[key] != getattr(args, key)
+               and not (key == "layer" and args.layer is None)]   # the default layer: resolved later
+    if changed:
+        raise SystemExit(f"--resume: {ckpt_path} was trained with other options ({'; '.join(changed)}); "
+                         "resume with the same ones (--tokens may grow)")
+
+
+def _finished_tokens(out: Path) -> Optional[int]:
+    """The tokens of the finished run whose metrics.json is in `out` (None if there is none)."""
+    try:
+        return int(json.loads((out / METRICS_FILE).read_text())["tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = _resolve(build_parser().parse_args(argv))
     if args.threads:
@@ -665,23 +694,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if not ckpt_path.exists():
             raise SystemExit(f"--resume: no checkpoint {ckpt_path}")
         resume_state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        _refuse_other_options(resume_state, args, ckpt_path, world)   # --layer is compared once it is resolved
         done = int(resume_state["step"])
         if done > steps:
             raise SystemExit(f"--resume: {ckpt_path} is at step {done}, past the {steps} steps of --tokens "
                              f"{args.tokens}; --tokens may grow, not shrink")
-        if done == steps and (out / METRICS_FILE).exists():
+        if done == steps and _finished_tokens(out) == steps * args.batch:
             raise SystemExit(f"--resume: the run in {out} has finished its {steps} steps; raise --tokens to train "
                              "it further")
-    else:
-        present = run_files(out)
-        if present and not args.overwrite:
-            raise SystemExit(f"--out {out} holds a run ({', '.join(p.name for p in present)}): --resume it, choose "
-                             "another --out, or --overwrite it")
-        if world > 1:
-            dist.barrier()   # every rank has looked before rank 0 removes anything
-        if rank == 0:
-            for p in present:
-                p.unlink(missing_ok=True)
+    old_run = [] if args.resume else run_files(out)   # removed once every check has passed, just before training
+    if old_run and not args.overwrite:
+        raise SystemExit(f"--out {out} holds a run ({', '.join(p.name for p in old_run)}): --resume it, choose "
+                         "another --out, or --overwrite it")
     if rank == 0:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -766,16 +790,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     acc = {"loss": 0.0, "err": 0.0, "energy": 0.0, "l0": 0.0, "n": 0}
     step, scales = 0, None
     if resume_state is not None:
-        saved = (resume_state.get("world", world), resume_state.get("fsdp", False))
-        if saved != (world, sharded):
-            raise SystemExit(f"--resume: {ckpt_path} was written by {saved[0]} rank(s)"
-                             f"{' with --parallel fsdp' if saved[1] else ''}; resume the same way")
-        before = resume_state.get("args", {})
-        changed = [f"--{key.replace('_', '-')} {before[key]!r} -> {getattr(args, key)!r}"
-                   for key in RUN_OPTIONS if key in before and before[key] != getattr(args, key)]
-        if changed:
-            raise SystemExit(f"--resume: {ckpt_path} was trained with other options ({'; '.join(changed)}); "
-                             "resume with the same ones (--tokens may grow)")
+        _refuse_other_options(resume_state, args, ckpt_path, world)
         load_local_state(layer, optimizer, resume_state["layer"], resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         buffer.load_state_dict(resume_state["buffer"])
@@ -794,6 +809,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                      "scales": (x_scale, y_scale),
                      "warmup": warmup, "args": vars(args)}, ckpt_path)
 
+    if old_run:   # --overwrite, every check passed: the old run's files go
+        if world > 1:
+            dist.barrier()   # every rank has looked before rank 0 removes anything
+        if rank == 0:
+            for p in old_run:
+                p.unlink(missing_ok=True)
+        if world > 1:
+            dist.barrier()
     t_train = time.perf_counter()
     start_step, harvest_s0 = step, buffer.harvest_seconds
     if scales is None:
@@ -908,11 +931,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         elif args.eval_tokens > 0:
             n_ctx = max(1, args.eval_tokens // args.context)
             contexts = H.held_out_contexts(eval_docs, tokenizer, args.context, n_ctx)
-            if contexts.shape[0] < n_ctx:
+            if contexts.shape[0] == 0:
+                log(f"the held-out text is shorter than one context of {args.context} tokens: no CE evaluation")
+                contexts = None
+            elif contexts.shape[0] < n_ctx:
                 log(f"the held-out text has {contexts.shape[0]} contexts of {args.context} tokens, not the "
                     f"{n_ctx} --eval-tokens asks for: evaluating on those (each token once)")
-            if contexts.shape[0] == 0:
-                contexts = None
         if contexts is not None:
             log(f"evaluating on {contexts.shape[0]} held-out contexts of {args.context} tokens")
             t_eval = time.perf_counter()

@@ -219,6 +219,10 @@ def test_splice_layer_is_permanent_and_reversible(tiny):
     assert old is mlp and isinstance(H.find_mlp(model, 1)[2], SplicedMLP)
     assert splice_layer(model, 1, old).layer.n_experts == 8
     assert H.find_mlp(model, 1)[2] is mlp and list(model.state_dict()) == keys   # restored exactly
+    wrapped = nn.Sequential(MxD(32, 16, 32, 8, 2))   # any other module is wrapped too (dtype and shape casts)
+    assert splice_layer(model, 1, wrapped) is mlp and H.find_mlp(model, 1)[2].layer is wrapped
+    splice_layer(model, 1, mlp)
+    assert H.find_mlp(model, 1)[2] is mlp and list(model.state_dict()) == keys
     for bad, error in (("foo", TypeError), (None, TypeError)):
         with pytest.raises(error, match="layer must be an nn.Module"):
             splice_layer(model, 1, bad)
@@ -535,6 +539,11 @@ def test_evaluation_reads_each_held_out_token_once(tiny, tmp_path, capsys):
     assert f"the held-out text has {contexts.shape[0]} contexts of 16 tokens, not the 1000" in capsys.readouterr().out
     few = H.held_out_contexts(["ab"], tiny["tokenizer"], 16, 4)
     assert few.shape == (0, 16)
+    (tmp_path / "short.txt").write_text("ab")
+    metrics = T.main([a for a in _args(tiny, tmp_path / "short", "--eval-text", str(tmp_path / "short.txt"))
+                      if a != "--quiet"])
+    assert "ce_clean" not in metrics
+    assert "shorter than one context of 16 tokens: no CE evaluation" in capsys.readouterr().out
     # a single training file leaves no held-out document: said, and no CE keys
     metrics = T.main([a for a in _args(tiny, tmp_path / "one", "--text", str(one_doc)) if a != "--quiet"])
     assert "ce_clean" not in metrics and "no held-out documents (give --eval-text)" in capsys.readouterr().out
@@ -582,7 +591,7 @@ def test_resume_equals_uninterrupted_run(tiny, tmp_path):
     assert [h["loss"] for h in ha] == [h["loss"] for h in hb]
 
 
-def test_resume_refuses_other_options_and_may_train_longer(tiny, tmp_path):
+def test_resume_refuses_other_options_and_may_train_longer(tiny, tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = ("--eval-tokens", "0", "--seed", "3")
     T.main(_args(tiny, out, *args, "--stop-after", "7"))
@@ -593,9 +602,18 @@ def test_resume_refuses_other_options_and_may_train_longer(tiny, tmp_path):
     with pytest.raises(SystemExit, match="--resume: .* is at step 7, past the 5 steps of --tokens 240; --tokens may "
                                          "grow, not shrink"):
         T.main(_args(tiny, out, *args, "--resume", "--tokens", "240"))
+    with pytest.raises(SystemExit, match="other options \\(--batch 48 -> 240\\)"):   # not blamed on --tokens
+        T.main(_args(tiny, out, *args, "--resume", "--batch", "240"))
     assert T.main(_args(tiny, out, *args, "--resume", "--tokens", "1200"))["tokens"] == 1200
     with pytest.raises(SystemExit, match="--resume: the run in .* has finished its 25 steps; raise --tokens"):
         T.main(_args(tiny, out, *args, "--resume", "--tokens", "1200"))
+    # a resumed run that trained to its end but never wrote its metrics (saving failed) may be resumed again
+    with monkeypatch.context() as m:
+        m.setattr(T, "save_layer", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+        with pytest.raises(OSError, match="disk full"):
+            T.main(_args(tiny, out, *args, "--resume", "--tokens", "1440"))
+    assert json.loads((out / "metrics.json").read_text())["tokens"] == 1200
+    assert T.main(_args(tiny, out, *args, "--resume", "--tokens", "1440"))["tokens"] == 1440
 
 
 def test_a_run_folder_is_not_overwritten_unless_asked(tiny, tmp_path, monkeypatch):
@@ -605,6 +623,10 @@ def test_a_run_folder_is_not_overwritten_unless_asked(tiny, tmp_path, monkeypatc
     with pytest.raises(SystemExit, match="--out .* holds a run \\(.*config.json.*layer.safetensors.*\\): --resume it"):
         T.main(_args(tiny, out, *args, "--stop-after", "2"))
     assert T.load_layer(out).k == 3
+    for bad in (("--context", "100"), ("--text", str(tmp_path / "typo.txt")), ("--k", "200")):
+        with pytest.raises(SystemExit):   # a failing check leaves the old run alone
+            T.main(_args(tiny, out, *args, "--overwrite", *bad))
+        assert T.load_layer(out).k == 3
     T.main(_args(tiny, out, *args, "--stop-after", "2", "--overwrite"))   # the finished run's files are gone
     assert [p.name for p in T.run_files(out)] == ["checkpoint-rank0.pt"]
     with pytest.raises(SystemExit, match="--out .* holds a run \\(checkpoint-rank0.pt\\)"):
@@ -620,10 +642,16 @@ def test_a_run_folder_is_not_overwritten_unless_asked(tiny, tmp_path, monkeypatc
         T.main(_args(tiny, tmp_path / "file", *args))
 
 
-def test_run_files_follow_the_umask(tmp_path, monkeypatch):
-    monkeypatch.setattr(T, "_UMASK", 0o022)   # as read at import
-    T._atomic(tmp_path / "a.txt", lambda p: Path(p).write_text("x"))
+def test_run_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        T._atomic(tmp_path / "a.txt", lambda p: Path(p).write_text("x"))
+        os.umask(0o027)
+        T._atomic(tmp_path / "b.txt", lambda p: Path(p).write_text("x"))
+    finally:
+        os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644   # not mkstemp's 0600
+    assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o640
 
 
 def test_train_compare_runs_each_arch_and_k_and_tables_them(tiny, tmp_path, capsys):
