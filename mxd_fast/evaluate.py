@@ -55,12 +55,11 @@ _TAKEN_OUT: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()   # modules splice_
 @contextlib.contextmanager
 def spliced(model: nn.Module, layer_index: int, layer: nn.Module):
     """`with spliced(model, 12, mxd): model(ids)` runs the model with `mxd` in place of block 12's MLP."""
-    parent, attr, _ = find_mlp(model, layer_index)
     old = splice_layer(model, layer_index, layer)
     try:
         yield model
     finally:
-        setattr(parent, attr, old)
+        splice_layer(model, layer_index, old)
 
 
 def _token_ce(logits: Tensor, input_ids: Tensor) -> tuple[float, int]:

@@ -135,15 +135,21 @@ def save_layer(layer: nn.Module, folder, extra: Optional[dict] = None) -> Path:
     return folder
 
 
-def _load_device(device) -> torch.device:
+def _usable_device(device, what: str) -> torch.device:
+    """torch.device(device) if tensors with data can live there, else ValueError beginning with `what`
+    (how the caller names the argument)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as err:
-        raise ValueError(f"device: {device!r} is not a device ({err})") from None
+        raise ValueError(f"{what}: {device!r} is not a device ({err})") from None
     if dev.type == "meta":
-        raise ValueError("device: a meta tensor holds no data; load the layer on a real device")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: no CUDA device is available")
+        raise ValueError(f"{what}: a meta tensor holds no data; use a real device")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{what} {device!r}: no CUDA device is available (torch {torch.__version__}"
+                             f"{', built without CUDA' if torch.version.cuda is None else ''})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{what} {device!r}: there are {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -151,7 +157,7 @@ def load_layer(path, device="cpu", dtype=None) -> nn.Module:
     """The layer saved in a run folder (or its layer.safetensors), ready to use or to splice with
     `splice_layer(model, config['model']['layer'], layer)`."""
     from safetensors.torch import load_file
-    device = _load_device(device)
+    device = _usable_device(device, "device")
     _float_dtype(dtype)
     path = Path(path)
     if not path.exists():
@@ -435,18 +441,11 @@ def _is_local_path(name: str) -> bool:
 
 
 def _check_device(name: str) -> None:
-    if name == "auto":
-        return
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError) as e:
-        raise SystemExit(f"--device: {name!r} is not a device ({e})") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit(f"--device {name}: no CUDA device is available (torch {torch.__version__}"
-                             f"{', built without CUDA' if torch.version.cuda is None else ''})")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise SystemExit(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
+    if name != "auto":
+        try:
+            _usable_device(name, "--device")
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
 
 
 def _device(name: str, local_rank: int) -> torch.device:
@@ -810,9 +809,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                      "scales": (x_scale, y_scale),
                      "warmup": warmup, "args": vars(args)}, ckpt_path)
 
-    if old_run:   # --overwrite, every check passed: the old run's files go
-        if world > 1:
-            dist.barrier()   # every rank has looked before rank 0 removes anything
+    # --overwrite, every check passed: the old run's files go (every rank listed them before the barrier that
+    # follows making the folder, so none looks after rank 0 removes them)
+    if old_run:
         if rank == 0:
             for p in old_run:
                 p.unlink(missing_ok=True)
