@@ -50,6 +50,22 @@ def test_gradients_match_reference(backend, device, lead, N, O, K, repeat):
         torch.testing.assert_close(got, want)
 
 
+
+def test_more_selections_than_experts(backend, device):
+    """K > N: every row repeats experts; values and both gradients still match."""
+    g = torch.Generator().manual_seed(7)
+    weight = torch.randn(4, 5, generator=g, dtype=torch.float64).to(device)
+    values = torch.randn(3, 9, generator=g, dtype=torch.float64).to(device)
+    indices = torch.randint(0, 4, (3, 9), generator=g).to(device)
+    dy = torch.randn(3, 5, generator=g, dtype=torch.float64).to(device)
+    grads = []
+    for fn in (mxd_fast.gather_combine, reference.gather_combine):
+        w, v = weight.clone().requires_grad_(), values.clone().requires_grad_()
+        (fn(w, v, indices) * dy).sum().backward()
+        grads.append((w.grad, v.grad))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)
+
 def test_stride_zero_gradient_and_int32_indices(backend, device):
     weight, values, indices = _inputs((9,), 20, 5, 3, torch.float64, device, seed=2)
     w, v = weight.clone().requires_grad_(), values.clone().requires_grad_()

@@ -48,6 +48,21 @@ def test_gradients_match_reference(backend, device, lead, H, O, N, K, bias):
         torch.testing.assert_close(got, want)
 
 
+
+def test_more_selections_than_experts(backend, device):
+    """K > N: every row repeats experts; every gradient still matches."""
+    z, decoder, experts, values, _, b = _inputs((5,), 6, 4, 9, 9, torch.float64, device, seed=3)
+    values = torch.randn(5, 33, dtype=torch.float64, device=device)
+    indices = torch.randint(0, 9, (5, 33), device=device)
+    dy = torch.randn(5, 4, dtype=torch.float64, device=device)
+    grads = []
+    for fn in (mxd_fast.mxd_decode, reference.mxd_decode):
+        leaves = [t.clone().requires_grad_() for t in (z, decoder, experts, values, b)]
+        (fn(*leaves[:4], indices, leaves[4]) * dy).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)
+
 def test_partial_gradients_and_stride_zero(backend, device):
     z, decoder, experts, values, indices, b = _inputs((7,), 4, 6, 15, 3, torch.float64, device, seed=2)
     e = experts.clone().requires_grad_()

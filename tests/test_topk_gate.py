@@ -62,6 +62,19 @@ def test_gradients_match_reference(backend, device, lead, I, N, k):
         torch.testing.assert_close(got, want)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bias_gradient_sums_in_float32(backend, device, dtype):
+    """Thousands of tokens on few experts: a bias gradient summed in a half type would stall
+    (bf16 stops counting at 256 ones in a row)."""
+    x, w, b = _inputs((4096,), 3, 4, torch.float64, device, seed=6)
+    b = b.abs() + 10                 # every logit positive: each selection carries gradient
+    bs = b.to(dtype).requires_grad_()
+    values, indices = mxd_fast.topk_gate(x.to(dtype), w.to(dtype), bs, 1)
+    values.sum().backward()
+    want = torch.bincount(indices.reshape(-1).cpu(), minlength=4).double()
+    torch.testing.assert_close(bs.grad.double().cpu(), want, rtol=1e-2, atol=0)
+
 def test_gradient_through_sum_has_stride_zero(backend, device):
     x, w, b = _inputs((6,), 5, 19, torch.float64, device, seed=2)
     xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()

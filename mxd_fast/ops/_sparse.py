@@ -47,6 +47,9 @@ def gathered_dot(table: torch.Tensor, indices: torch.Tensor, dense: torch.Tensor
     if dense.device.type != "cpu":
         return _gathered_dot_chunked(table, indices, dense)
     dtype = _sparse_dtype(dense.dtype)
+    if K > table.shape[0]:
+        # A row repeats an index; ATen's sampled_addmm refuses more entries than its dense size.
+        return _gathered_dot_chunked(table.to(dtype), indices, dense.to(dtype)).to(dense.dtype)
     crow = torch.arange(0, B * K + 1, K, device=indices.device)
     mask = _csr(crow, indices.reshape(-1), torch.zeros(B * K, dtype=dtype), (B, table.shape[0]))
     out = torch.sparse.sampled_addmm(mask, dense.to(dtype).contiguous(), table.to(dtype).T, beta=0.0)
@@ -107,11 +110,14 @@ def _scatter_rows_chunked(indices, coeffs, dense, n_rows, deterministic=True):
 
 
 def scatter_sum(indices: torch.Tensor, coeffs: torch.Tensor, n_rows: int, deterministic: bool = True) -> torch.Tensor:
-    """out[n] = sum_{(b, j): indices[b, j] = n} coeffs[b, j]. index_add_ on the CPU (sequential,
-    deterministic); elsewhere the sorted index_put_ (deterministic) or index_add_ (atomics on CUDA)."""
-    if coeffs.device.type == "cpu" or not deterministic:
-        return coeffs.new_zeros(n_rows).index_add_(0, indices.reshape(-1), coeffs.reshape(-1))
+    """out[n] = sum_{(b, j): indices[b, j] = n} coeffs[b, j], summed in float32 (or float64) whatever
+    coeffs' dtype. index_add_ on the CPU (sequential, deterministic); elsewhere the sorted index_put_
+    (deterministic) or index_add_ (atomics on CUDA)."""
     acc = _sparse_dtype(coeffs.dtype)
     out = torch.zeros(n_rows, dtype=acc, device=coeffs.device)
-    out.index_put_((indices.reshape(-1),), coeffs.reshape(-1).to(acc), accumulate=True)
+    flat, terms = indices.reshape(-1), coeffs.reshape(-1).to(acc)
+    if coeffs.device.type == "cpu" or not deterministic:
+        out.index_add_(0, flat, terms)
+    else:
+        out.index_put_((flat,), terms, accumulate=True)
     return out.to(coeffs.dtype)
