@@ -74,6 +74,9 @@ def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 def check_tensor(name: str, t, ndim: int | None = None, min_ndim: int | None = None) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a nested tensor; pad it or "
+                        f"concatenate its components")
     if t.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if ndim is not None and t.dim() != ndim:
@@ -92,6 +95,9 @@ def check_float(name: str, t: torch.Tensor, like: tuple[str, torch.Tensor] | Non
         other_name, other = like
         if t.dtype != other.dtype and not mixed_dtypes:
             raise TypeError(f"{name} has dtype {t.dtype} but {other_name} has dtype {other.dtype}; they must match")
+        if mixed_dtypes and (t.dtype == torch.float64) != (other.dtype == torch.float64):
+            raise TypeError(f"{name} has dtype {t.dtype} but {other_name} has dtype {other.dtype}; autocast "
+                            f"leaves float64 as it is, so they must match")
         if t.device != other.device:
             raise ValueError(f"{name} is on {t.device} but {other_name} is on {other.device}; they must match")
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._utils import check_tensor
 from .ops.mxd_decode import mxd_decode
 from .ops.topk_gate import topk_gate
 
@@ -43,8 +44,7 @@ def _float_dtype(dtype):
 
 def _input(x, d_in: int) -> Tensor:
     """x: a tensor [..., d_in]."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    check_tensor("x", x)
     if x.dim() == 0 or x.shape[-1] != d_in:
         raise ValueError(f"x must have last dimension d_in = {d_in}, got shape {tuple(x.shape)}")
     return x

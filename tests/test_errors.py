@@ -36,6 +36,8 @@ GATE_CASES = [
     (dict(x=torch.randint(0, 3, (4, 6))), TypeError, "x"), (dict(weight=torch.randn(10, 6, dtype=f64)), TypeError, "weight"),
     (dict(bias=torch.randn(9)), ValueError, "bias"), (dict(bias=torch.randn(10, dtype=f64)), TypeError, "bias"),
     (dict(x=[1.0, 2.0]), TypeError, "x"), (dict(x=torch.tensor(1.0)), ValueError, "x"),
+    (dict(x=torch.nested.nested_tensor([torch.randn(2, 6), torch.randn(3, 6)], layout=torch.jagged)), TypeError,
+     "x must be a dense .* got a nested tensor"),
 ]
 GC_CASES = [
     (dict(indices=torch.tensor([[0, 1, 10]] * 4)), IndexError, "indices"),
@@ -45,12 +47,19 @@ GC_CASES = [
     (dict(values=torch.randn(4, 3, dtype=f64)), TypeError, "values"),
     (dict(weight=torch.randn(10, 5, 1)), ValueError, "weight"),
     (dict(values=torch.randn(4, 0), indices=torch.zeros(4, 0, dtype=torch.int64)), ValueError, "values"),
+    (dict(weight=torch.randn(0, 5), values=torch.randn(0, 3), indices=torch.zeros(0, 3, dtype=torch.int64)),
+     ValueError, "weight must have at least one row"),
+    (dict(values=torch.nested.nested_tensor([torch.randn(3), torch.randn(3)])), TypeError,
+     "values must be a dense .* got a nested tensor"),
 ]
 DECODE_CASES = [
     (dict(decoder=torch.randn(6, 5)), ValueError, "decoder"), (dict(experts=torch.randn(10, 4)), ValueError, "experts"),
     (dict(values=torch.randn(5, 3), indices=torch.randint(0, 10, (5, 3))), ValueError, "values"),
     (dict(bias=torch.randn(4)), ValueError, "bias"), (dict(z=torch.randn(4, 7, dtype=f64)), TypeError, "decoder"),
     (dict(indices=torch.full((4, 3), 10)), IndexError, "indices"),
+    (dict(experts=torch.randn(0, 5), z=torch.randn(0, 7), values=torch.randn(0, 3),
+          indices=torch.zeros(0, 3, dtype=torch.int64)), ValueError, "experts must have at least one row"),
+    (dict(experts=torch.randn(10, 5, dtype=torch.float16)), TypeError, "experts has dtype torch.float16 but z"),
 ]
 
 
@@ -223,9 +232,15 @@ def test_errors_under_autocast_describe_the_callers_arguments(call):
 
 
 def test_mixed_floating_dtypes_are_accepted_under_autocast():
+    """fp32, fp16 and bf16 mix (they are cast); float64, which autocast leaves alone, must match."""
+    f16 = torch.float16
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        args = gate_args(weight=torch.randn(10, 6, dtype=f64), bias=torch.randn(10, dtype=torch.float16))
+        args = gate_args(weight=torch.randn(10, 6, dtype=f16), bias=torch.randn(10, dtype=torch.bfloat16))
         assert mxd_fast.topk_gate(**args)[0].dtype == torch.bfloat16
         assert torch.ops.mxd_fast.topk_gate(*args.values())[0].dtype == torch.bfloat16
-        y = mxd_fast.mxd_decode(**decode_args(decoder=torch.randn(7, 5, dtype=f64), values=torch.rand(4, 3, dtype=f64)))
+        y = mxd_fast.mxd_decode(**decode_args(decoder=torch.randn(7, 5, dtype=f16), values=torch.rand(4, 3, dtype=f16)))
         assert y.dtype == torch.bfloat16
+        for call in (lambda: mxd_fast.topk_gate(**gate_args(weight=torch.randn(10, 6, dtype=f64))),
+                     lambda: torch.ops.mxd_fast.gather_combine(*gc_args(values=torch.randn(4, 3, dtype=f64)).values())):
+            with pytest.raises(TypeError, match="float64 but .*float32; autocast leaves float64"):
+                call()

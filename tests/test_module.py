@@ -151,6 +151,31 @@ def test_vmap_matches_the_batched_call():
     torch.testing.assert_close(torch.func.vmap(layer)(x), layer(x))
 
 
+
+@pytest.mark.parametrize("transform", ["jvp", "jacfwd", "forward_ad"])
+def test_forward_mode_ad_raises(transform):
+    """Every op refuses forward-mode tangents instead of returning zeros; an op whose inputs carry
+    no tangent (here the gate, fed a constant) still runs inside the transform."""
+    import torch.autograd.forward_ad as fwAD
+    layer = _layer()
+    x = torch.randn(4, 12, dtype=torch.float64)
+    w, v, i = layer.experts.detach(), torch.randn(4, 3, dtype=torch.float64), torch.tensor([[0, 1, 2]] * 4)
+    calls = {"topk_gate": lambda x: mxd_fast.topk_gate(x, layer.gate.weight.detach(), None, 3)[0],
+             "gather_combine": lambda v: mxd_fast.gather_combine(w, v, i),
+             "mxd_decode": lambda v: mxd_fast.mxd_decode(x[:, :10], layer.decoder.detach(), w, v, i, None)}
+    for name, fn in calls.items():
+        arg = x if name == "topk_gate" else v
+        with pytest.raises(NotImplementedError, match=f"mxd_fast.{name} has no forward-mode derivative"):
+            if transform == "jvp":
+                torch.func.jvp(fn, (arg,), (torch.ones_like(arg),))
+            elif transform == "jacfwd":
+                torch.func.jacfwd(fn)(arg)
+            else:
+                with fwAD.dual_level():
+                    fn(fwAD.make_dual(arg, torch.ones_like(arg)))
+    _, tangent = torch.func.jvp(lambda v: layer(x) * v.sum(), (v,), (torch.ones_like(v),))
+    torch.testing.assert_close(tangent, layer(x) * 12)
+
 def test_second_order_gradients_raise():
     layer = _layer()
     x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
@@ -229,6 +254,16 @@ def test_autocast_bf16(compile_backend, backward_inside):
         scale = p.grad.abs().max().item() + 1e-6
         torch.testing.assert_close(fast[name], p.grad, rtol=0.1, atol=0.1 * scale, msg=name)
 
+
+def test_float64_is_left_alone_by_autocast():
+    """ATen's autocast casts no float64 tensor; neither do the ops."""
+    layer = _layer(glu=True)
+    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    want = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
 
 @pytest.mark.parametrize("skip", [False, True])
 def test_transcoder_under_autocast_returns_the_autocast_dtype(skip):

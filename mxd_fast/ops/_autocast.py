@@ -10,8 +10,11 @@ import torch
 _lib = torch.library.Library("mxd_fast", "IMPL")
 
 
+_CAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)   # float64 stays, as under ATen's autocast
+
+
 def _cast(value, device_type: str, dtype: torch.dtype):
-    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.device.type == device_type:
+    if isinstance(value, torch.Tensor) and value.dtype in _CAST_DTYPES and value.device.type == device_type:
         return value.to(dtype)
     return value
 

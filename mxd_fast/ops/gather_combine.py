@@ -11,7 +11,7 @@ from torch import Tensor
 from .. import backend as _backend
 from .._utils import (autocasting, check_float, check_index, check_tensor, flatten_leading,
                       maybe_check_index_range, placeholder)
-from . import _autocast, _sparse
+from . import _autocast, _guards, _sparse
 from ._dispatch import kernel
 
 
@@ -24,6 +24,9 @@ def validate_selection(weight, values, indices, weight_name: str = "weight", mix
     check_float(weight_name, weight)
     check_float("values", values, like=(weight_name, weight), mixed_dtypes=mixed_dtypes)
     check_index("indices", indices, like=("values", values))
+    if weight.shape[0] < 1:
+        raise ValueError(f"{weight_name} must have at least one row (N >= 1) to select from, got shape "
+                         f"{tuple(weight.shape)}")
     if values.shape != indices.shape:
         raise ValueError(f"values and indices must have the same shape, got {tuple(values.shape)} "
                          f"and {tuple(indices.shape)}")
@@ -104,6 +107,7 @@ def _backward(ctx, grad_y):
 
 
 _gather_combine_op.register_autograd(_backward, setup_context=_setup_context)
+_guards.register(_gather_combine_op, check=validate_selection)
 _autocast.register("gather_combine", check=validate_selection)
 _autocast.register("gather_combine_backward", cast=False)
 

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import backend as _backend
 from .._utils import autocasting, check_float, check_tensor, flatten_leading, placeholder
-from . import _autocast, _sparse
+from . import _autocast, _guards, _sparse
 from ._dispatch import kernel
 from .gather_combine import flat_selection, validate_selection
 
@@ -21,8 +21,9 @@ def _validate(z, decoder, experts, values, indices, bias, mixed_dtypes: bool = F
     check_tensor("decoder", decoder, ndim=2)
     check_float("z", z)
     check_float("decoder", decoder, like=("z", z), mixed_dtypes=mixed_dtypes)
-    validate_selection(experts, values, indices, weight_name="experts", mixed_dtypes=mixed_dtypes)
+    check_tensor("experts", experts, ndim=2)
     check_float("experts", experts, like=("z", z), mixed_dtypes=mixed_dtypes)
+    validate_selection(experts, values, indices, weight_name="experts", mixed_dtypes=mixed_dtypes)
     if decoder.shape[0] != z.shape[-1]:
         raise ValueError(f"decoder must have shape [{z.shape[-1]}, O] to match z's last dimension, "
                          f"got {tuple(decoder.shape)}")
@@ -131,6 +132,7 @@ def _backward(ctx, grad_y):
 
 
 _mxd_decode_op.register_autograd(_backward, setup_context=_setup_context)
+_guards.register(_mxd_decode_op, check=_validate)
 _autocast.register("mxd_decode", check=_validate)
 _autocast.register("mxd_decode_backward", cast=False)
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import backend as _backend
 from .._utils import autocasting, check_float, check_k, check_tensor, flatten_leading, placeholder
-from . import _autocast, _sparse
+from . import _autocast, _guards, _sparse
 from ._dispatch import kernel
 
 # Tile of the torch backend: logits of at most this many elements exist at once.
@@ -143,6 +143,7 @@ def _backward(ctx, grad_values, grad_indices):
 
 
 _topk_gate_op.register_autograd(_backward, setup_context=_setup_context)
+_guards.register(_topk_gate_op, check=_validate)
 _autocast.register("topk_gate", check=_validate)
 _autocast.register("topk_gate_backward", cast=False)
 
