@@ -110,8 +110,20 @@ def build_layer(arch: str, d_in: int, d_out: int, k: int, size: int, d_hidden: i
     raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
 
 
+def _unwrapped(layer):
+    """The module inside torch.compile's and DistributedDataParallel's wrappers."""
+    while True:
+        if isinstance(getattr(layer, "_orig_mod", None), nn.Module):   # torch.compile's OptimizedModule
+            layer = layer._orig_mod
+        elif isinstance(layer, nn.parallel.DistributedDataParallel):
+            layer = layer.module
+        else:
+            return layer
+
+
 def layer_spec(layer: nn.Module) -> dict:
-    """What build_layer needs to rebuild `layer`."""
+    """What build_layer needs to rebuild `layer` (also inside torch.compile's or DDP's wrapper)."""
+    layer = _unwrapped(layer)
     if isinstance(layer, MxD):
         return {"arch": "mxd", "d_in": layer.d_in, "d_out": layer.d_out, "k": layer.k, "size": layer.n_experts,
                 "d_hidden": layer.d_hidden, "activation": layer.activation, "glu": layer.glu is not None,
@@ -125,6 +137,7 @@ def layer_spec(layer: nn.Module) -> dict:
 def save_layer(layer: nn.Module, folder, extra: Optional[dict] = None) -> Path:
     """Write folder/layer.safetensors and folder/config.json (each atomically)."""
     from safetensors.torch import save_file
+    layer = _unwrapped(layer)
     config = {"layer": layer_spec(layer), **(extra or {})}   # before writing: only layers it can describe
     config_text = json.dumps(config, indent=2) + "\n"
     folder = Path(folder)
@@ -155,7 +168,8 @@ def _usable_device(device, what: str) -> torch.device:
 
 def load_layer(path, device="cpu", dtype=None) -> nn.Module:
     """The layer saved in a run folder (or its layer.safetensors), ready to use or to splice with
-    `splice_layer(model, config['model']['layer'], layer)`."""
+    `splice_layer(model, config['model']['layer'], layer)`: in the dtype it was saved in, unless
+    `dtype` is given."""
     from safetensors.torch import load_file
     device = _usable_device(device, "device")
     _float_dtype(dtype)
@@ -174,11 +188,8 @@ def load_layer(path, device="cpu", dtype=None) -> nn.Module:
     except (ValueError, KeyError, TypeError) as err:   # JSONDecodeError is a ValueError
         raise ValueError(f"{folder / CONFIG_FILE} does not describe a layer ({type(err).__name__}: {err})") from None
     state = load_file(str(folder / LAYER_FILE), device="cpu")
-    layer = layer.to_empty(device=device)
-    layer.load_state_dict(state)
-    if dtype is not None:
-        layer.to(dtype)
-    return layer
+    layer.load_state_dict(state, assign=True)     # the saved tensors, dtypes included
+    return layer.to(device=device, dtype=dtype)
 
 
 # ---- the recipe ------------------------------------------------------------------------------

@@ -371,6 +371,16 @@ def test_save_load_round_trip(tmp_path, arch, skip):
         T.load_layer(tmp_path / "stopped")
 
 
+
+def test_save_load_keeps_dtype_and_unwraps_compiled_layers(tmp_path):
+    layer = T.build_layer("mxd", 10, 10, 3, 17, d_hidden=14).to(torch.bfloat16)
+    T.save_layer(torch.compile(layer), tmp_path)           # the module inside torch.compile's wrapper
+    loaded = T.load_layer(tmp_path)
+    assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
+    assert loaded.state_dict().keys() == layer.state_dict().keys()
+    assert all(p.requires_grad for p in loaded.parameters())
+    assert T.load_layer(tmp_path, dtype=torch.float32).experts.dtype == torch.float32
+
 def test_save_and_load_refuse_bad_arguments_naming_them(tmp_path):
     with pytest.raises(TypeError, match="cannot describe a Linear"):
         T.save_layer(nn.Linear(3, 3), tmp_path / "linear")
