@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 import threading
 
 import torch
@@ -145,6 +146,19 @@ def use_settings(recorded: tuple[str, bool]):
             yield
 
 
+def _triton_interprets() -> bool:
+    """False when triton, already imported, decorated its functions for compiling (TRITON_INTERPRET is
+    read when a function is decorated)."""
+    if "triton" not in sys.modules:
+        return True
+    try:
+        from triton.language.standard import sigmoid
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:       # another layout of triton: assume it interprets
+        return True
+    return isinstance(sigmoid, InterpretedFunction)
+
+
 def _triton_status(device: torch.device, op: str | None) -> str | None:
     """None when Triton kernels (of `op`, if given) can run on `device`, else the reason they cannot."""
     if importlib.util.find_spec("triton") is None:
@@ -153,6 +167,9 @@ def _triton_status(device: torch.device, op: str | None) -> str | None:
         if os.environ.get("TRITON_INTERPRET", "0") != "1":
             return ("Triton kernels on CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 "
                     "before triton is imported")
+        if not _triton_interprets():
+            return ("TRITON_INTERPRET=1 was set after triton was imported, so Triton compiles instead of "
+                    "interpreting: set it before anything imports triton")
     elif device.type != "cuda":
         return f"Triton kernels do not run on device type {device.type!r}"
     elif (capability := torch.cuda.get_device_capability(device)) < TRITON_MIN_CAPABILITY:

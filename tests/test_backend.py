@@ -193,3 +193,22 @@ def test_settings_of_a_backward_pass_stay_in_its_thread(monkeypatch):
         y = mxd_fast.gather_combine(w, torch.randn(3, 2), torch.randint(0, 9, (3, 2)))
     _in_thread(lambda: y.sum().backward())
     assert seen == ["triton", "auto"]     # the backward's own thread, then a thread it starts
+
+
+def test_interpreter_switched_on_after_triton_was_imported_is_refused():
+    """TRITON_INTERPRET is read when triton decorates its functions: set later, the kernels would fail
+    inside Triton. The backend says so instead."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    script = ("import os, torch, triton, mxd_fast\n"
+              "os.environ['TRITON_INTERPRET'] = '1'\n"
+              "try:\n"
+              "    with mxd_fast.use_backend('triton'):\n"
+              "        mxd_fast.topk_gate(torch.randn(3, 4), torch.randn(5, 4), None, 2)\n"
+              "except mxd_fast.BackendUnavailableError as err:\n"
+              "    print(err)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert "TRITON_INTERPRET=1 was set after triton was imported" in out.stdout, out.stdout + out.stderr
