@@ -12,7 +12,15 @@ import warnings
 
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch._library.autograd import make_autograd_impl
+
+try:   # torch internals: without them (another torch release) the guards are skipped, not the ops
+    from torch._library.autograd import make_autograd_impl
+except ImportError:
+    make_autograd_impl = None
+try:
+    from torch.nested._internal.nested_tensor import NestedTensor
+except ImportError:
+    NestedTensor = None
 
 _lib = torch.library.Library("mxd_fast", "IMPL")
 
@@ -25,7 +33,6 @@ def register(op_def, check) -> None:
     """Guard op_def (made by torch.library.custom_op); check(*args) is the op's argument check."""
     op = op_def._opoverload
     name = op._schema.name.split("::")[1]
-    autograd_impl = make_autograd_impl(op, op_def)
 
     def checked(keyset, *args, **kwargs):
         level = fwAD._current_level
@@ -39,11 +46,13 @@ def register(op_def, check) -> None:
         check(*args)
         raise TypeError(f"mxd_fast.{name} takes no nested tensors")
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)   # "Overriding a previously registered kernel"
-        _lib.impl(name, checked, "Autograd", with_keyset=True)
+    if make_autograd_impl is not None:
+        autograd_impl = make_autograd_impl(op, op_def)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)   # "Overriding a previously registered kernel"
+            _lib.impl(name, checked, "Autograd", with_keyset=True)
     for key in ("NestedTensorCPU", "NestedTensorCUDA"):
         _lib.impl(name, refuse_nested, key)
-    from torch.nested._internal.nested_tensor import NestedTensor
-    torch.library.register_torch_dispatch(
-        op, NestedTensor, lambda _cls, _func, _types, args, kwargs: refuse_nested(*args, **kwargs))
+    if NestedTensor is not None and hasattr(torch.library, "register_torch_dispatch"):
+        torch.library.register_torch_dispatch(
+            op, NestedTensor, lambda _cls, _func, _types, args, kwargs: refuse_nested(*args, **kwargs))
