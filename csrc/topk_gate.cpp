@@ -143,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_gate_backward(
   const mxd::DType dt = dtype_of(x);
   const cudaStream_t stream = current_stream();
   const at::Tensor g = grad_values.contiguous(), v = values.contiguous(), idx = indices.contiguous();
-  // Coefficients grad_values, masked where values <= 0 (the relu).
+  // Coefficients grad_values, masked where values <= 0 (the relu; NaN passes).
   const mxd::Selection sel = selection(g, &v, idx, N);
 
   at::Tensor dx = placeholder(x), dweight = placeholder(x), dbias = placeholder(x);

@@ -42,7 +42,7 @@ fp64 inputs, k > MAX_K and N near 2**31 fall back to the torch backend's tiled i
 
 Backward
 --------
-grad_logits = where(values > 0, grad_values, 0) (the relu mask); dx is an embedding-bag of the
+grad_logits = where(values <= 0, 0, grad_values) (the relu mask, NaN passing as in torch.relu); dx is an embedding-bag of the
 selected rows of weight, dweight and dbias are K-sparse row scatters; the building blocks live in
 kernels/gather_combine.py.
 """
@@ -380,8 +380,8 @@ def topk_gate_backward(grad_values, x, weight, values, indices, need_x: bool, ne
     B, I = x.shape
     N = weight.shape[0]
     device = x.device
-    # Only selected, positive logits carry gradient (relu mask; NaN carries none).
-    grad_logits = torch.where(values > 0, grad_values, torch.zeros((), dtype=grad_values.dtype, device=device))
+    # Only selected logits carry gradient, and not where relu clipped them (as torch.relu: NaN passes).
+    grad_logits = torch.where(values <= 0, torch.zeros((), dtype=grad_values.dtype, device=device), grad_values)
     dx = dweight = dbias = None
     if B == 0:
         if need_x:

@@ -211,20 +211,23 @@ B, K, N = 13, 37, 29  # K above a warp: the entries are read 32 at a time
 
 
 def _selection(dtype, seed=0, masked=True):
-    """values, relu mask (or None) and indices [B, K], with indices out of range (-1, N + 3) mixed in."""
+    """values, relu mask (or None, NaN in two places) and indices [B, K], with indices out of range
+    (-1, N + 3) mixed in."""
     g = torch.Generator().manual_seed(seed)
     values = torch.randn(B, K, generator=g, dtype=torch.float64).to(dtype)
     mask = torch.randn(B, K, generator=g, dtype=torch.float64).to(dtype) if masked else None
+    if masked:
+        mask[2, 5] = mask[7, 33] = float("nan")     # relu's gradient passes at NaN
     indices = torch.randint(0, N, (B, K), generator=g)
     indices[0, 3], indices[5, 36], indices[12, 0] = -1, N + 3, N
     return values, mask, indices
 
 
 def _coefficients(values, mask, indices):
-    """The float64 coefficient of each entry: 0 where the mask is not > 0 or the index is out of range."""
+    """The float64 coefficient of each entry: 0 where the mask is <= 0 (NaN passes) or the index is out of range."""
     coef = values.double().clone()
     if mask is not None:
-        coef[~(mask.double() > 0)] = 0
+        coef[mask.double() <= 0] = 0
     coef[(indices < 0) | (indices >= N)] = 0
     return coef
 

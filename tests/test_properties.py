@@ -99,3 +99,22 @@ def test_nan_and_inf_propagate_like_reference(backend, device):
     assert values[2, 0] == float("inf") and indices[2, 0] == 7
     y = mxd_fast.gather_combine(torch.randn(20, 5, generator=g).to(device), values, indices)
     assert torch.isnan(y[1]).all() and torch.isfinite(y[0]).all()
+
+
+def test_gradient_passes_at_a_selected_nan_logit(backend, device):
+    """As through torch.relu: a NaN logit (here from a NaN bias, selected in every row) passes its
+    gradient to x, weight and bias; the reference's gradients are finite and matched."""
+    g = torch.Generator().manual_seed(3)
+    x, w, b = (torch.randn(*s, generator=g, dtype=torch.float64).to(device) for s in ((5, 4), (9, 4), (9,)))
+    b[3] = float("nan")
+    dy = torch.randn(5, 2, generator=g, dtype=torch.float64).to(device)
+    grads = []
+    for fn in (mxd_fast.topk_gate, reference.topk_gate):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        values, indices = fn(*leaves, 2)
+        assert (indices[:, 0] == 3).all()
+        (values * dy).sum().backward()       # a NaN loss; its gradients are finite
+        grads.append([t.grad for t in leaves])
+    assert grads[1][2][3] != 0 and torch.isfinite(grads[1][2]).all()
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)

@@ -92,13 +92,14 @@ __device__ __forceinline__ A warp_sum(A v) {
 // ---- selected entries ----------------------------------------------------------------------
 
 // The row an entry reads and its coefficient. An index outside [0, N) gives row -1 (never
-// dereferenced, contributes nothing). The relu mask only zeroes the coefficient: the row is still
+// dereferenced, contributes nothing). The relu mask zeroes the coefficient where mask <= 0 (a NaN
+// passes, as in torch.relu's gradient). It only zeroes the coefficient: the row is still
 // read, so that 0 * NaN = NaN propagates exactly as in the torch backend.
 template <typename T>
 __device__ __forceinline__ void load_entry(const Selection& sel, int64_t p, long long& row, Acc<T>& coef) {
   const int64_t r = sel.indices[p];
   coef = to_acc(static_cast<const T*>(sel.values)[p]);
-  if (sel.mask != nullptr && !(to_acc(static_cast<const T*>(sel.mask)[p]) > Acc<T>(0))) coef = Acc<T>(0);
+  if (sel.mask != nullptr && to_acc(static_cast<const T*>(sel.mask)[p]) <= Acc<T>(0)) coef = Acc<T>(0);
   const bool valid = r >= 0 && r < sel.N;
   row = valid ? static_cast<long long>(r) : -1LL;
   if (!valid) coef = Acc<T>(0);

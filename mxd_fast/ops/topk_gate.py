@@ -75,8 +75,8 @@ def topk_gate_torch_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k
 
 def topk_gate_torch_backward(grad_values, x, weight, values, indices, need_x: bool, need_weight: bool,
                              need_bias: bool, deterministic: bool):
-    # Only selected, positive logits carry gradient (relu mask).
-    grad_logits = torch.where(values > 0, grad_values, torch.zeros((), dtype=grad_values.dtype))
+    # Only selected logits carry gradient, and not where relu clipped them (as torch.relu: NaN passes).
+    grad_logits = torch.where(values <= 0, torch.zeros((), dtype=grad_values.dtype), grad_values)
     dx = _sparse.gather_combine(weight, grad_logits, indices) if need_x else None
     dweight = _sparse.scatter_rows(indices, grad_logits, x, weight.shape[0], deterministic) if need_weight else None
     dbias = _sparse.scatter_sum(indices, grad_logits, weight.shape[0], deterministic) if need_bias else None
