@@ -42,9 +42,9 @@ fp64 inputs, k > MAX_K and N near 2**31 fall back to the torch backend's tiled i
 
 Backward
 --------
-grad_logits = where(values <= 0, 0, grad_values) (the relu mask, NaN passing as in torch.relu); dx is an embedding-bag of the
-selected rows of weight, dweight and dbias are K-sparse row scatters; the building blocks live in
-kernels/gather_combine.py.
+grad_logits = where(values <= 0, 0, grad_values) (the relu mask, NaN passing as in torch.relu); dx is
+an embedding-bag of the selected rows of weight, dweight and dbias are K-sparse row scatters; the
+building blocks live in kernels/gather_combine.py.
 """
 from __future__ import annotations
 
