@@ -37,9 +37,10 @@ actually run (T*N*d), the sparse ones the K-sparse products (T*K*d). With T toke
 Bytes (the same for every provider of an op case): the traffic any implementation must have: every
 dense operand read once, every output written once (dense gradients of [N, D] weights in full), every
 gathered row read once per use (T*K rows of D elements). The MxD training case of the torch, triton and
-cuda providers: the encoder's GEMMs, the gate's and the decode's bytes, the loss; the full step adds
-AdamW (read parameter, gradient and both moments, write three) and the expert renormalisation (read and
-write C, and C and its gradient for the gradient projection). The other training providers: none.
+cuda providers: the encoder's GEMMs, the gate's bytes less its dx (x is frozen), the decode's, the
+loss; the full step adds AdamW (read parameter, gradient and both moments, write three) and the expert
+renormalisation (read and write C, and C and its gradient for the gradient projection). The other
+training providers: none.
 """
 from __future__ import annotations
 
@@ -355,9 +356,10 @@ def _train_flops(provider: str, s: Shape) -> float:
 def _train_bytes(provider: str, s: Shape, es: int, full_step: bool) -> float | None:
     if provider not in BACKENDS:
         return None
-    T, d, H, N = s.T, s.d, s.H, s.N
+    T, d, H, N, K = s.T, s.d, s.H, s.N, s.K
     encoder = es * (T * d + d * H + H + T * H) + es * (T * H + 2 * T * d + 2 * d * H + H)
     total = encoder + _op_bytes("topk_gate", "fwd+bwd", s, es) + _op_bytes("mxd_decode", "fwd+bwd", s, es)
+    total -= es * (T * K * d + T * d)      # x needs no gradient: the gate's dx (its gathered rows, its write)
     total += 3 * T * d * es                                  # the loss: read y_hat and y, write its gradient
     if full_step:
         total += es * (7 * parameter_count(provider, s) + 5 * N * d)

@@ -16,6 +16,7 @@ import gc
 import math
 import os
 import sys
+import tempfile
 
 import torch
 
@@ -283,8 +284,8 @@ def run_group(cases: list[C.Case], cfg: T.TimingConfig, ceilings: T.Ceilings, ca
     del inputs
     _release(device)
     ref = next((r for r in rows if r["provider"] == "reference" and r["median"]), None)
-    for r in rows:
-        if ref is not None and r["median"]:
+    for r in rows:   # a partial provider times a part of the op: no speedup over the whole op
+        if ref is not None and r["median"] and r["provider"] not in C.PARTIAL_PROVIDERS:
             r["speedup_vs_reference"] = ref["median"] / r["median"]
     return rows
 
@@ -313,17 +314,43 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
-def make_out_dir(path: str, option_given: bool) -> None:
-    """Create the output folder before anything is measured; exits naming --out when it cannot be used."""
+RESULT_FILES = ("results.json", "table.txt", "speedup.png")
+
+
+def default_out_dir(base: str) -> str:
+    """base, or base-2, base-3, ...: the first that holds no results (runs on the same day keep theirs)."""
+    path, n = base, 1
+    while any(os.path.lexists(os.path.join(path, f)) for f in RESULT_FILES):
+        n += 1
+        path = f"{base}-{n}"
+    return path
+
+
+def make_out_dir(path: str, option_given: bool, overwrite: bool = False) -> None:
+    """Create the output folder before anything is measured, and write a file in it; exits naming --out
+    when it cannot be used, or when it holds an earlier run's results and overwrite is off (with it on,
+    they are removed, so that no file of the earlier run is left beside the new ones)."""
     where = f"--out {path}" if option_given else f"the output folder {path} (choose another with --out)"
     if os.path.exists(path) and not os.path.isdir(path):
         raise SystemExit(f"{where}: exists and is not a folder")
+    old = [f for f in RESULT_FILES if os.path.lexists(os.path.join(path, f))]
+    for name in old:
+        if os.path.isdir(os.path.join(path, name)):
+            raise SystemExit(f"{where}: {name} in it is a folder; the results are written to that name")
+    if old and not overwrite:
+        raise SystemExit(f"{where}: holds the results of an earlier run ({', '.join(old)}); choose another "
+                         f"folder or pass --overwrite to replace them")
     try:
         os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
     except OSError as e:
-        raise SystemExit(f"{where}: cannot create the folder: {e.strerror or e}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise SystemExit(f"{where}: the folder is not writable")
+        raise SystemExit(f"{where}: cannot write there: {e.strerror or e}") from None
+    for name in old:
+        try:
+            os.remove(os.path.join(path, name))
+        except OSError as e:
+            raise SystemExit(f"{where}: cannot remove the earlier {name}: {e.strerror or e}") from None
 
 
 def parse_args(argv):
@@ -343,6 +370,8 @@ def parse_args(argv):
                    help="time exactly this many calls per case, after one warm-up call")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: the cores this process may use)")
     p.add_argument("--out", help="output folder (default bench/results/<date>-<device>[-quick]/)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in --out (otherwise such a folder is refused)")
     p.add_argument("--no-plot", action="store_true", help="do not draw the plot")
     return p.parse_args(argv)
 
@@ -371,9 +400,10 @@ def _main(args) -> int:
     requested = name_list("--providers", args.providers, PROVIDERS, "provider")
     plan, unavailable = plan_runs(jobs, device, requested)
     now = datetime.datetime.now(datetime.timezone.utc)
-    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                       f"{now:%Y-%m-%d}-{T.device_slug(device)}{'-quick' if args.quick else ''}")
-    make_out_dir(out_dir, args.out is not None)
+    out_dir = args.out or default_out_dir(os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results",
+        f"{now:%Y-%m-%d}-{T.device_slug(device)}{'-quick' if args.quick else ''}"))
+    make_out_dir(out_dir, args.out is not None, args.overwrite)
     cfg = T.TimingConfig.for_device(device, args.quick)
     if args.reps:
         cfg = T.TimingConfig(warmup_calls=1, warmup_time=0.0, min_reps=args.reps, max_reps=args.reps, target_time=0.0)
@@ -416,12 +446,7 @@ def _main(args) -> int:
             if row["bytes"] is not None:
                 row["frac_copy"] = row["bytes"] / row["median"] / ceilings.copy_bytes
     meta["load_average_end"] = os.getloadavg()
-    text = report.legend(meta) + "\n\n" + report.table(rows)
-    for extra in (report.summary(rows), report.targets(rows)):
-        if extra:
-            text += "\n\n" + extra
-    if meta["unavailable"]:
-        text += "\n\nnot run: " + "; ".join(f"{p}: {why}" for p, why in meta["unavailable"].items())
+    text = report.render(meta, rows)
     print()
     print(text)
     report.write_json(os.path.join(out_dir, "results.json"), meta, rows)

@@ -23,7 +23,7 @@ WORK=${WORK:-/tmp/gpu-work}
 DEADLINE=${1:-560}
 STAGES=${2:-all}
 want() { [[ $STAGES == all || ",$STAGES," == *",$1,"* ]]; }
-mkdir -p "$WORK"
+mkdir -p "$WORK" "$OUT"
 exec > >(tee "$OUT/session.log") 2>&1
 T0=$(date +%s)
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
@@ -78,7 +78,7 @@ run 170 tests.log $PY -m pytest "${COMMON[@]}" $(workers 12) tests --ignore=test
 fi
 
 bench() {   # bench LIMIT INDEX SHAPES: one shape's ops and training step, every provider, bf16
-    run "$1" bench.log $PY -m bench --device cuda --dtype bf16 --shapes "$3" --ops topk_gate,mxd_decode,train \
+    run "$1" bench.log $PY -m bench --overwrite --device cuda --dtype bf16 --shapes "$3" --ops topk_gate,mxd_decode,train \
         --modes fwd,fwd+bwd --no-plot --out "$WORK/bench-$2"
 }
 # (llama-3.2-3b is at N = 90088; bench/shapes.py says why)
@@ -116,7 +116,7 @@ if want variants; then
 stage "Triton mxd_decode epilogue variants, autotuned, beside the GEMM alone and cuda (pythia-1.4b, K = 32, 128)"
 for source in gather interleaved precomputed; do
     run 50 epilogue.log env MXD_FAST_AUTOTUNE=1 MXD_FAST_TRITON_DECODE_EPILOGUE=$source TRITON_PRINT_AUTOTUNING=1 \
-        $PY -m bench --device cuda --dtype bf16 --shapes pythia-1.4b,pythia-1.4b:K=128 --ops mxd_decode --modes fwd \
+        $PY -m bench --overwrite --device cuda --dtype bf16 --shapes pythia-1.4b,pythia-1.4b:K=128 --ops mxd_decode --modes fwd \
         --providers gemm,triton,cuda --no-plot --out "$WORK/bench-epilogue-$source"
 done
 fi
@@ -127,7 +127,7 @@ run 150 tune-gate.log $PY -m bench.tune_gate --shapes pythia-1.4b,pythia-1.4b:K=
     --splits 1,2,3,4,6 --out "$WORK/tune-gate.json"
 
 stage "Triton autotuning at pythia-1.4b, K = 32 and 128 (default vs tuned configuration)"
-run 120 tune.log env MXD_FAST_AUTOTUNE=1 TRITON_PRINT_AUTOTUNING=1 $PY -m bench --device cuda --dtype bf16 \
+run 120 tune.log env MXD_FAST_AUTOTUNE=1 TRITON_PRINT_AUTOTUNING=1 $PY -m bench --overwrite --device cuda --dtype bf16 \
     --shapes pythia-1.4b,pythia-1.4b:K=128 --ops topk_gate,mxd_decode --modes fwd --providers gemm+topk,gemm,triton \
     --no-plot --out "$WORK/bench-tuned"
 fi
@@ -140,7 +140,7 @@ fi
 
 if want sweeps; then
 stage "sweeps over K and N around Pythia-1.4B, as time allows (results.json is written after every case)"
-run 300 sweeps.log $PY -m bench --device cuda --dtype bf16 --shapes sweep-k,sweep-n --ops topk_gate,mxd_decode \
+run 300 sweeps.log $PY -m bench --overwrite --device cuda --dtype bf16 --shapes sweep-k,sweep-n --ops topk_gate,mxd_decode \
     --modes fwd,fwd+bwd --out "$WORK/bench-sweeps"
 fi
 

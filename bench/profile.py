@@ -15,7 +15,7 @@ import torch
 
 from . import cases as C
 from . import shapes as S
-from .cli import DTYPES, pick_device
+from .cli import DTYPES, pick_device, positive_int
 
 
 def profile(op: str, mode: str, provider: str, shape: S.Shape, dtype: torch.dtype, device: torch.device,
@@ -53,8 +53,8 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="small", help="a shape spec as in python -m bench --shapes")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--device", help="cpu or cuda[:i] (default: cuda when present)")
-    p.add_argument("--calls", type=int, default=5)
-    p.add_argument("--rows", type=int, default=20)
+    p.add_argument("--calls", type=positive_int, default=5, help="profiled calls (after 3 warm-up calls)")
+    p.add_argument("--rows", type=positive_int, default=20, help="rows of the printed table")
     args = p.parse_args(argv)
     if args.mode not in C.modes_for(args.op):
         p.error(f"mode {args.mode!r} does not apply to {args.op} (use one of {C.modes_for(args.op)})")
@@ -64,7 +64,13 @@ def main(argv=None) -> int:
     reason = C.provider_unavailable(args.provider, device)
     if reason is not None:
         p.error(f"provider {args.provider!r} cannot run here: {reason}")
-    (shape,) = S.resolve([args.shape], device.type)
+    try:
+        shapes = S.resolve(S.split_specs(args.shape), device.type)
+    except ValueError as e:
+        p.error(f"--shape: {e}")
+    if len(shapes) != 1:
+        p.error(f"--shape {args.shape!r} names {len(shapes)} shapes; profile one at a time")
+    (shape,) = shapes
     print(f"{args.op} {args.mode} [{args.provider}] {shape.label()} {args.dtype} on {device}: {args.calls} calls")
     print(profile(args.op, args.mode, args.provider, shape, DTYPES[args.dtype], device, args.calls, rows=args.rows))
     return 0

@@ -6,6 +6,10 @@ import math
 import os
 from collections import defaultdict
 
+from . import cases as C
+
+MODE_WORDS = {"fwd+bwd": "forward + backward", C.TRAIN_MODE: "step"}
+
 
 def _fmt(value, spec: str, empty: str = "-") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -36,7 +40,7 @@ def table(rows: list[dict]) -> str:
             _fmt(None if r.get("gbps") is None else r["gbps"], ".3g"),
             _fmt(None if r.get("frac_copy") is None else 100 * r["frac_copy"], ".0f"),
             _fmt(None if r.get("memory") is None else r["memory"] / 2**20, ".0f"),
-            _fmt(r.get("speedup_vs_reference"), ".2f"),
+            _fmt(None if r["provider"] in C.PARTIAL_PROVIDERS else r.get("speedup_vs_reference"), ".2f"),
             r.get("note", ""),
         ))
     widths = [max(len(COLUMNS[i]), *(len(str(line[i])) for line in lines)) if lines else len(COLUMNS[i])
@@ -53,11 +57,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _commit(commit: str) -> str:
+    """The short hash, keeping the mark of uncommitted changes."""
+    return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
+
+
 def legend(meta: dict) -> str:
     c = meta["ceilings"]
     return "\n".join([
         f"device: {meta['device']} ({meta['device_name']}), dtype {meta['dtype']}, "
-        f"torch {meta['versions']['torch']}, triton {meta['versions']['triton']}, commit {meta['git_commit'][:12]}, "
+        f"torch {meta['versions']['torch']}, triton {meta['versions']['triton']}, commit {_commit(meta['git_commit'])}, "
         f"{meta['date']}",
         f"ceilings (the better of two measurements, at the start and at the end of this run): "
         f"matmul {c['matmul_n']}^3 {meta['dtype']} = "
@@ -72,14 +81,12 @@ def legend(meta: dict) -> str:
 
 
 def summary(rows: list[dict]) -> str:
-    """One line per training-step shape: each provider's speedup over the dense reference step."""
+    """One line per training-step shape and mode: each provider's speedup over the dense reference of
+    the same mode."""
     lines = []
-    shapes = []
-    for r in rows:
-        if r["op"] == "train" and r["shape"] not in shapes:
-            shapes.append(r["shape"])
-    for shape in shapes:
-        sel = [r for r in rows if r["op"] == "train" and r["shape"] == shape]
+    cases = list(dict.fromkeys((r["shape"], r["mode"]) for r in rows if r["op"] == "train"))
+    for shape, mode in cases:
+        sel = [r for r in rows if r["op"] == "train" and (r["shape"], r["mode"]) == (shape, mode)]
         ref = next((r for r in sel if r["provider"] == "reference" and r.get("median")), None)
         parts = []
         for r in sel:
@@ -87,16 +94,10 @@ def summary(rows: list[dict]) -> str:
                 continue
             ratio = r.get("speedup_vs_reference")
             parts.append(f"{r['provider']} {r['median'] * 1e3:.0f} ms" + (f" ({ratio:.2f}x)" if ratio else ""))
-        head = f"training step {shape}, {sel[0]['dtype']}: reference "
+        head = f"training {MODE_WORDS.get(mode, mode)} {shape}, {sel[0]['dtype']}: reference "
         head += f"{ref['median'] * 1e3:.0f} ms" if ref else "not measured"
         lines.append(head + ("; " + "; ".join(parts) if parts else ""))
     return "\n".join(lines)
-
-
-def _median(rows: list[dict], op: str, mode: str, shape: str, provider: str):
-    return next((r["median"] for r in rows if (r["op"], r["mode"], r["shape"], r["provider"]) == (op, mode, shape,
-                                                                                            provider)
-                 and r.get("median")), None)
 
 
 # (op, mode, baseline provider, what the ratio is, target): ratios of times measured in the same run.
@@ -107,24 +108,34 @@ TARGETS = (
 )
 
 
+def _row(rows: list[dict], op: str, mode: str, shape: str, provider: str):
+    return next((r for r in rows if (r["op"], r["mode"], r["shape"], r["provider"]) == (op, mode, shape, provider)
+                 and r.get("median")), None)
+
+
 def _floor_time(row: dict):
     """The least time the row's work can take on this device: its FLOPs at the matmul ceiling or its
-    compulsory bytes at the copy ceiling, whichever is longer (None without the fractions)."""
-    fracs = [row.get(f) for f in ("frac_matmul", "frac_copy") if row.get(f) is not None]
+    compulsory bytes at the copy ceiling, whichever is longer (None without the fractions). A partial
+    provider's bytes are its op's, not its own: its FLOPs alone."""
+    keys = ("frac_matmul",) if row["provider"] in C.PARTIAL_PROVIDERS else ("frac_matmul", "frac_copy")
+    fracs = [row.get(f) for f in keys if row.get(f) is not None]
     return max(fracs) * row["median"] if fracs and row.get("median") else None
 
 
 def targets(rows: list[dict]) -> str:
     """Per shape, the ratios the kernels are held to: each mxd_fast backend against its baseline,
     plus, for the training step, the fraction of the matmul ceiling its sparse FLOPs reach, and the best
-    ratio the device's ceilings allow (from the least floor time among the sparse providers)."""
+    ratio the device's ceilings allow (from the least floor time among the sparse providers, over the
+    baseline's measured time; for the decode, whose time is set against a part of itself, over the
+    GEMM's floor time)."""
     lines = []
     for op, mode, base, what, goal in TARGETS:
         shapes = list(dict.fromkeys(r["shape"] for r in rows if r["op"] == op and r["mode"] == mode))
         for shape in shapes:
-            b = _median(rows, op, mode, shape, base)
-            if b is None:
+            base_row = _row(rows, op, mode, shape, base)
+            if base_row is None:
                 continue
+            b = base_row["median"]
             parts, floors = [], []
             for r in rows:
                 if (r["op"], r["mode"], r["shape"]) != (op, mode, shape) or r["provider"] not in ("torch", "triton",
@@ -142,11 +153,23 @@ def targets(rows: list[dict]) -> str:
                     floors.append(floor)
             if parts:
                 line = f"{op} {mode} {shape}: {what} (target {goal}): " + ", ".join(parts)
-                if floors:
-                    best = min(floors) / b if base == "gemm" else b / min(floors)
+                base_floor = _floor_time(base_row) if base == "gemm" else b
+                if floors and base_floor:
+                    best = min(floors) / base_floor if base == "gemm" else b / min(floors)
                     line += f"; at the ceilings {best:.2f}"
                 lines.append(line)
     return "\n".join(lines)
+
+
+def render(meta: dict, rows: list[dict]) -> str:
+    """The text of table.txt: legend, table, training summary, targets, what was not run."""
+    text = legend(meta) + "\n\n" + table(rows)
+    for extra in (summary(rows), targets(rows)):
+        if extra:
+            text += "\n\n" + extra
+    if meta.get("unavailable"):
+        text += "\n\nnot run: " + "; ".join(f"{p}: {why}" for p, why in meta["unavailable"].items())
+    return text
 
 
 def write_json(path: str, meta: dict, rows: list[dict]) -> None:
@@ -180,7 +203,7 @@ def plot(path: str, rows: list[dict]) -> str:
     for ax, (axis, sel) in zip(axes[0], panels):
         series = defaultdict(list)
         for r in sel:
-            if r["provider"] == "reference":
+            if r["provider"] == "reference" or r["provider"] in C.PARTIAL_PROVIDERS:
                 continue
             series[(r["op"], r["mode"], r["provider"])].append((r["dims"][axis], r["speedup_vs_reference"]))
         for (op, mode, provider), pts in sorted(series.items()):
@@ -199,3 +222,33 @@ def plot(path: str, rows: list[dict]) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return f"plot written to {os.path.relpath(path)}"
+
+
+def main(argv=None) -> int:
+    """Render a run's results.json again (e.g. after a change to the report): print the table, and
+    write it and the plot where asked."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
+    p.add_argument("results", help="a results.json written by python -m bench")
+    p.add_argument("--table", help="write the table to this file")
+    p.add_argument("--plot", help="draw the plot to this PNG file")
+    args = p.parse_args(argv)
+    try:
+        with open(args.results) as f:
+            data = json.load(f)
+        meta, rows = data["meta"], data["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        p.error(f"{args.results}: not a results file of python -m bench ({type(e).__name__}: {e})")
+    text = render(meta, rows)
+    print(text)
+    if args.table:
+        with open(args.table, "w") as f:
+            f.write(text + "\n")
+    if args.plot:
+        print(plot(args.plot, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -148,7 +148,7 @@ def split_specs(text: str) -> list[str]:
 
 
 def resolve(specs: list[str], device_type: str) -> list[Shape]:
-    """Expand shape specs into a list of shapes (duplicates removed, order kept)."""
+    """Expand shape specs into a list of shapes (duplicates removed, also one named twice: order kept)."""
     out: list[Shape] = []
     for spec in specs:
         if spec == "paper":
@@ -165,7 +165,7 @@ def resolve(specs: list[str], device_type: str) -> list[Shape]:
             out.append(parse_shape(spec))
     seen, unique = set(), []
     for s in out:
-        key = (s.name, s.sweep)
+        key = (s.T, s.d, s.H, s.N, s.K, s.sweep)
         if key not in seen:
             seen.add(key)
             unique.append(s)

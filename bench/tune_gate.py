@@ -19,7 +19,7 @@ import torch
 
 from . import shapes as S
 from . import timing as T
-from .cli import DTYPES, positive_ints
+from .cli import DTYPES, pick_device, positive_int, positive_ints
 
 
 def _inputs(shape: S.Shape, dtype: torch.dtype, device: torch.device, copies: int) -> list:
@@ -53,7 +53,9 @@ def label(config: dict) -> str:
 
 
 def tune(shape: S.Shape, dtype: torch.dtype, device: torch.device, splits: list[int], cfg: T.TimingConfig,
-         log=print) -> list[dict]:
+         log=print, on_row=lambda row: None) -> list[dict]:
+    """The rows of one shape; on_row(row) is called as each is measured (to save what a time limit
+    would otherwise lose)."""
     from mxd_fast.kernels import topk_gate as tg
 
     inputs = _inputs(shape, dtype, device, copies=2)
@@ -78,6 +80,7 @@ def tune(shape: S.Shape, dtype: torch.dtype, device: torch.device, splits: list[
         except Exception as e:  # noqa: BLE001 - a configuration that fails is reported, not fatal
             row = {"shape": shape.name, "config": name, "split": split, "error": f"{type(e).__name__}: {e}"}
         rows.append(row)
+        on_row(row)
         log(f"  {name:40s} split {str(split):5s} " + (f"{row['median_ms']:.3f} ms" if "median_ms" in row
                                                         else row["error"][:120]))
 
@@ -102,29 +105,40 @@ def main(argv=None) -> int:
                    help="splits over N to time (comma-separated)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--device", default=None, help="cuda[:i] (default), or cpu with TRITON_INTERPRET=1")
-    p.add_argument("--top", type=int, default=8, help="fastest rows printed per shape")
-    p.add_argument("--out", default=None, help="JSON file for every row")
+    p.add_argument("--top", type=positive_int, default=8, help="fastest rows printed per shape")
+    p.add_argument("--out", default=None, help="JSON file for every row (rewritten as each row is measured)")
     args = p.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         p.error("needs a CUDA device (or TRITON_INTERPRET=1 for a run that checks the script on tiny shapes)")
-    shapes = [S.parse_shape(spec) for spec in S.split_specs(args.shapes)]
+    try:
+        shapes = S.resolve(S.split_specs(args.shapes), device.type)
+    except ValueError as e:
+        p.error(f"--shapes: {e}")
     cfg = T.TimingConfig.for_device(device, quick=device.type != "cuda")
+    meta = {"device": T.device_name(device), "versions": T.versions(), "commit": T.git_commit(),
+            "dtype": args.dtype, "autotune": os.environ.get("MXD_FAST_AUTOTUNE", "1")}
     rows = []
+
+    def save(final: bool = False) -> None:
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"meta": meta if final else {**meta, "partial": True}, "rows": rows}, f, indent=1)
+
+    try:
+        save()                          # a path that cannot be written fails now, not after the timing
+    except OSError as e:
+        p.error(f"--out {args.out}: cannot write there: {e.strerror or e}")
     for shape in shapes:
         print(f"{shape.name}: T={shape.T} d={shape.d} N={shape.N} K={shape.K} {args.dtype}")
-        part = tune(shape, DTYPES[args.dtype], device, args.splits, cfg)
-        rows += part
+        part = tune(shape, DTYPES[args.dtype], device, args.splits, cfg, on_row=lambda row: (rows.append(row), save()))
         timed = sorted((r for r in part if "median_ms" in r), key=lambda r: r["median_ms"])
         print(f"fastest of {shape.name}:")
         for r in timed[:args.top]:
             print(f"  {r['config']:40s} split {str(r['split']):5s} {r['median_ms']:.3f} ms "
                   f"({r.get('speedup_vs_addmm_topk', float('nan')):.2f}x addmm+relu+topk)")
     if args.out:
-        meta = {"device": T.device_name(device), "versions": T.versions(), "commit": T.git_commit(),
-                "dtype": args.dtype, "autotune": os.environ.get("MXD_FAST_AUTOTUNE", "1")}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        save(final=True)
         print(f"written {args.out}")
     return 0
 
