@@ -864,8 +864,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                       dtype=torch.float64, device=device)
                 if world > 1:
                     dist.all_reduce(packed)
-                    packed[0] /= world
-                    packed[3] /= world
                 window = stats.close_window(tokens_seen)
                 elapsed = time.perf_counter() - t_train
                 rec = {"step": step, "tokens": tokens_seen, "loss": float(packed[0] / packed[4]),
