@@ -176,6 +176,9 @@ def load_layer(path, device="cpu", dtype=None) -> nn.Module:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no run folder or {LAYER_FILE} at {path}")
+    if not path.is_dir() and path.name != LAYER_FILE:
+        raise ValueError(f"{path}: load_layer reads a run folder or its {LAYER_FILE}, not another file "
+                         f"(it would return the folder's {LAYER_FILE})")
     folder = path if path.is_dir() else path.parent
     for name in (LAYER_FILE, CONFIG_FILE):
         if not (folder / name).is_file():
@@ -323,9 +326,11 @@ def _atomic(path: Path, write) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes it 0600; a run's files are as readable as open() makes them
     try:
         write(tmp)
+        # mkstemp makes 0600 (and a writer may create the file anew): a run's files are as readable as
+        # open() makes them
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -364,6 +364,10 @@ def test_save_load_round_trip(tmp_path, arch, skip):
     torch.testing.assert_close(loaded(x), layer(x), rtol=0, atol=0)
     assert json.loads((tmp_path / "config.json").read_text())["note"] == 1
     assert T.load_layer(tmp_path / "layer.safetensors").k == 3
+    for other in ("config.json", "layer_step100.safetensors"):
+        (tmp_path / other).touch()
+        with pytest.raises(ValueError, match=f"{other}: load_layer reads a run folder or its layer.safetensors"):
+            T.load_layer(tmp_path / other)
     with pytest.raises(FileNotFoundError, match="no run folder"):
         T.load_layer(tmp_path / "missing")
     (tmp_path / "stopped").mkdir()
@@ -658,10 +662,13 @@ def test_run_files_follow_the_umask(tmp_path):
         T._atomic(tmp_path / "a.txt", lambda p: Path(p).write_text("x"))
         os.umask(0o027)
         T._atomic(tmp_path / "b.txt", lambda p: Path(p).write_text("x"))
+        os.umask(0o022)
+        T.save_layer(T.build_layer("transcoder", 6, 6, 2, 8), tmp_path / "run")   # safetensors makes its file anew
     finally:
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644   # not mkstemp's 0600
     assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "run" / "layer.safetensors").stat().st_mode & 0o777 == 0o644
 
 
 def test_train_compare_runs_each_arch_and_k_and_tables_them(tiny, tmp_path, capsys):
