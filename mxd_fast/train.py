@@ -11,7 +11,8 @@ loss = mean over tokens and features of (y^ - y)^2 / ||y||_2; AdamW with weight 
 warm-up then a constant learning rate; fp32, or bf16 compute with fp32 master weights.
 
 The run folder (--out) receives layer.safetensors + config.json (load with `load_layer(folder)`),
-metrics.json, history.json, training_curve.png and a resumable checkpoint (--resume).
+metrics.json, history.json, training_curve.png, firing_counts.pt and a resumable checkpoint per rank
+(checkpoint-rank<r>.pt, for --resume).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from torch.distributed.tensor import DTensor
 
 from . import harvest as H
 from . import reference
-from .backend import use_backend
+from .backend import unavailable_reason, use_backend
 from .evaluate import SplicedMLP, ZeroMLP, evaluate, splice_layer, spliced
 from .module import ACTIVATIONS, MxD, _float_dtype
 from .transcoder import TopKTranscoder
@@ -423,6 +424,10 @@ def _resolve(args) -> argparse.Namespace:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.context < 2:
+        raise SystemExit(f"--context must be >= 2 tokens (one to read, one to predict), got {args.context}")
+    if args.out == "":
+        raise SystemExit("--out: an empty path (an unset variable?)")
     for name in ("warmup", "eval_tokens", "checkpoint_every"):
         value = getattr(args, name, None)
         if value is not None and value < 0:
@@ -448,6 +453,19 @@ def _resolve(args) -> argparse.Namespace:
     if args.model is not None and not os.path.exists(os.path.expanduser(args.model)) and _is_local_path(args.model):
         raise SystemExit(f"--model: no file or folder {args.model}")
     return args
+
+
+def _memory_bytes(device: torch.device) -> int:
+    """The device's whole memory: what no single request may exceed."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _refuse_past_memory(options: str, nbytes: int, memory: int, device: torch.device, what: str) -> None:
+    if nbytes > memory:
+        raise SystemExit(f"{options}: {what} need {nbytes / 2**30:,.4g} GiB, more than the whole "
+                         f"{memory / 2**30:,.4g} GiB of {device}")
 
 
 def _is_local_path(name: str) -> bool:
@@ -699,6 +717,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     rank, world, local_rank, owns_group = _init_distributed(args.device)
     log = _Log(rank, args.quiet)
     device = _device(args.device, local_rank)
+    if args.backend not in ("auto", "reference") and (why := unavailable_reason(args.backend, device)) is not None:
+        raise SystemExit(f"--backend {args.backend}: {why}")
     out = Path(args.out)
     if args.batch % world:
         raise SystemExit(f"--batch {args.batch} must be a multiple of the number of ranks ({world})")
@@ -752,7 +772,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                          f"{'/'.join(H.TEXT_SUFFIXES)} files in a folder)")
     log(f"corpus: {corpus}; {len(train_docs)} training and {len(eval_docs)} held-out documents")
     log(f"loading {'the embedded SmolLM2-135M-Instruct (GGUF)' if args.model is None else args.model} on {device}")
-    model, tokenizer = H.load_model(args.model, device=device, dtype=DTYPES[args.model_dtype])
+    try:
+        model, tokenizer = H.load_model(args.model, device=device, dtype=DTYPES[args.model_dtype])
+    except (OSError, ValueError) as err:    # no such hub model offline, not a model folder, a bad file
+        raise SystemExit(f"--model {args.model or '(embedded)'}: cannot load it ({type(err).__name__}: "
+                         f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
     n_layers = H.num_layers(model)
     positions = H.max_positions(model)
     if positions is not None and args.context > positions:
@@ -772,19 +796,36 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise SystemExit(f"--activation: the model's MLP activation {dims['model_activation']!r} has no MxD "
                          f"form; choose one of {', '.join(sorted(ACTIVATIONS))}")
     glu = dims["glu"] if args.glu == "auto" else args.glu == "yes"
+    memory = _memory_bytes(device)
+    row = 2 * d * 4                                             # a harvested (x, y) pair, fp32
+    for option, rows, what in (("--buffer", args.buffer, "rows of x and y in the pool"),
+                               ("--batch", rank_batch, "rows of x and y in a batch"),
+                               ("--harvest-contexts", args.harvest_contexts * args.context,
+                                "harvested rows of x and y at a time")):
+        _refuse_past_memory(f"{option} {getattr(args, option[2:].replace('-', '_'))}", rows * row, memory, device,
+                            f"{rows:,} {what}")
 
     # layer
+    sizes = " ".join(f"--{n} {getattr(args, n)}" for n in ("budget", "k", "hidden", "experts")
+                     if getattr(args, n) is not None)
     width = int(round(args.budget * d))
     budget = budget_parameters(d, d, width)
     try:
         size = args.experts or size_for_budget(args.arch, width, d, hidden, d, activation, glu, args.k)
     except ValueError as err:
-        raise SystemExit(f"--budget {args.budget} with --k {args.k}: {err}, lower --k, or set --experts") from None
+        raise SystemExit(f"{sizes}: {err}, lower --k, or set --experts") from None
+    try:   # the parameter count, on the meta device: a size no memory holds is refused before allocating
+        n_params = sum(p.numel() for p in build_layer(args.arch, d, d, args.k, size, d_hidden=hidden,
+                                                      activation=activation, glu=glu, device="meta").parameters())
+    except (ValueError, TypeError, RuntimeError, OverflowError) as err:
+        raise SystemExit(f"{sizes}: no layer of {size:,} {'experts' if args.arch == 'mxd' else 'latents'} can be "
+                         f"built ({err})") from None
+    _refuse_past_memory(sizes, 16 * n_params, memory, device,
+                        f"{n_params:,} parameters (fp32, with their gradients and AdamW's two moments)")
     layer = build_layer(args.arch, d, d, args.k, size, d_hidden=hidden, activation=activation, glu=glu,
                         device=device)
     if args.arch == "mxd":
         layer.normalize_experts()
-    n_params = sum(p.numel() for p in layer.parameters())
     log(f"{args.arch}: {layer.extra_repr()}; {n_params:,} parameters (budget {budget:,}: a TopK transcoder of "
         f"width {width}); layer {args.layer} of {n_layers}, d = {d}")
     forward = TrainForward(layer, DTYPES[args.dtype], dense_reference=args.backend == "reference")

@@ -480,7 +480,7 @@ def test_time_limit_ends_the_run_at_a_logging_window_and_evaluates_it(tiny, tmp_
     ("--eval-tokens", "-5"), ("--budget", "0"), ("--log-every", "0"), ("--eval-batch", "0"), ("--dead-window", "0"),
     ("--stop-after", "0"), ("--threads", "0"), ("--checkpoint-every", "-1"), ("--lr", "inf"), ("--budget", "inf"),
     ("--experts", "3"),   # fewer than --k 4
-    ("--seed", "-1"), ("--seed", str(2 ** 63 - 1)),
+    ("--seed", "-1"), ("--seed", str(2 ** 63 - 1)), ("--context", "1"), ("--out", ""),
 ])
 def test_bad_options_exit_naming_the_option(tiny, tmp_path, option, value):
     """Checked before the model loads: an explicit 0 is not read as "the default"."""
@@ -492,7 +492,8 @@ def test_bad_options_exit_naming_the_option(tiny, tmp_path, option, value):
     ("--device", "foo", "is not a device"), ("--device", "cuda:999", "CUDA device"),
     ("--model", "/no/such/model", "no file or folder"), ("--model", "./missing", "no file or folder"),
     ("--model", "missing.gguf", "no file or folder"),
-])
+] + ([("--backend", "triton", "Triton kernels on CPU tensors need the Triton interpreter"),
+      ("--backend", "cuda", "needs CUDA tensors")] if not torch.cuda.is_available() else []))
 def test_bad_device_or_model_exit_before_loading(tiny, tmp_path, option, value, message):
     with pytest.raises(SystemExit, match=f"{option}.*{message}"):
         T.main(_args(tiny, tmp_path / "bad", option, value))
@@ -537,9 +538,27 @@ def test_model_without_mxd_activation_or_mlp_module_exits_naming_the_option(tiny
 def test_options_the_model_cannot_take_exit_naming_them(tiny, tmp_path):
     with pytest.raises(SystemExit, match="--context 100 is longer than the model's 64 positions"):
         T.main(_args(tiny, tmp_path / "a", "--context", "100"))
-    with pytest.raises(SystemExit, match="--budget 8.0 with --k 200: .* fewer than k = 200: raise --budget, lower --k, "
+    with pytest.raises(SystemExit, match="--budget 8.0 --k 200: .* fewer than k = 200: raise --budget, lower --k, "
                                          "or set --experts"):
         T.main(_args(tiny, tmp_path / "b", "--k", "200"))
+    with pytest.raises(SystemExit, match="--budget 8.0 --k 4 --hidden 1000000000000: .* fewer than k = 4"):
+        T.main(_args(tiny, tmp_path / "c", "--hidden", str(10 ** 12)))   # the cause is named
+    huge = [("--experts", str(10 ** 13), "--budget 8.0 --k 4 --experts 10000000000000: .* parameters .* GiB, more "
+                                         "than the whole"),
+            ("--budget", "1e300", "--budget 1e.300 --k 4: no layer of .* experts can be built"),
+            ("--buffer", str(10 ** 12), "--buffer 1000000000000: 1,000,000,000,000 rows of x and y in the pool need"),
+            ("--harvest-contexts", str(10 ** 9), "--harvest-contexts 1000000000: .* harvested rows"),
+            ("--batch", str(10 ** 12), "--batch 1000000000000: .* rows of x and y in a batch need")]
+    for option, value, message in huge:        # refused at once, not a hang or an allocator error
+        with pytest.raises(SystemExit, match=message):
+            T.main(_args(tiny, tmp_path / "d", option, value))
+
+
+def test_a_model_that_cannot_load_exits_naming_the_option(tiny, tmp_path):
+    (tmp_path / "notamodel").mkdir()
+    (tmp_path / "notamodel" / "readme.txt").write_text("no model here")
+    with pytest.raises(SystemExit, match="--model .*notamodel: cannot load it"):
+        T.main(_args(tiny, tmp_path / "a", "--model", str(tmp_path / "notamodel")))
 
 
 def test_evaluation_reads_each_held_out_token_once(tiny, tmp_path, capsys):
