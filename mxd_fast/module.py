@@ -1,6 +1,8 @@
 """The MxD layer: y = (a C) * (z D) + b, with z = phi(x E + b_e) and a = TopK(relu(x G^T + b_g))."""
 from __future__ import annotations
 
+import contextlib
+import math
 import numbers
 
 import torch
@@ -42,6 +44,41 @@ def _float_dtype(dtype):
     return dtype
 
 
+_MAX_BYTES = 2 ** 63 - 1   # the most bytes torch lets one tensor's storage have (int64)
+
+
+def _parameter_shapes(owner: str, dims: dict, parameters: dict, dtype) -> dict:
+    """{"name [arg = size, ...]": shape} of the parameters {name: (arg, ...)}, sizes from `dims`; ValueError
+    naming the arguments when a parameter is larger than a torch tensor can be. Allocates nothing."""
+    itemsize = (dtype or torch.get_default_dtype()).itemsize
+    shapes = {}
+    for name, args in parameters.items():
+        what = f"{name} [{', '.join(f'{arg} = {dims[arg]}' for arg in args)}]"
+        shapes[what] = tuple(dims[arg] for arg in args)
+        numel = math.prod(shapes[what])
+        if numel * itemsize > _MAX_BYTES:
+            raise ValueError(f"{owner}: {what} would have {numel:,} elements ({numel * itemsize:,} bytes), more "
+                             f"than a torch tensor can hold ({_MAX_BYTES:,} bytes)")
+    return shapes
+
+
+@contextlib.contextmanager
+def _allocating(owner: str, shapes: dict, dtype, device):
+    """Re-raises an allocation failure (out of memory, ...) while creating the parameters `shapes`, naming
+    the bytes they need and the arguments that size the largest; the original error is chained."""
+    try:
+        yield
+    except RuntimeError as err:
+        if type(err) not in (RuntimeError, torch.OutOfMemoryError):   # not the allocator's
+            raise
+        itemsize = (dtype or torch.get_default_dtype()).itemsize
+        largest = max(shapes, key=lambda what: math.prod(shapes[what]))
+        total = sum(math.prod(shape) for shape in shapes.values()) * itemsize
+        raise type(err)(f"{owner}: could not allocate its parameters, {total:,} bytes in all on device "
+                        f"{device if device is not None else '(the default)'} (the largest, {largest}, "
+                        f"{math.prod(shapes[largest]) * itemsize:,} bytes): {err}") from err
+
+
 def _input(x, d_in: int) -> Tensor:
     """x: a tensor [..., d_in]."""
     check_tensor("x", x)
@@ -58,6 +95,10 @@ class MxD(nn.Module):
     decoder (D: [d_hidden, d_out]), bias (b: [d_out]), skip (if skip, no bias).
     Initialised as in the paper: gate like nn.Linear with zero bias, expert rows uniform in [-1, 1]
     scaled to unit norm, decoder, bias and skip zero (the layer starts at y = 0).
+
+    Hooks: encode() reads gate.weight and gate.bias directly (the fused top-k gate, topk_gate) and never
+    calls the `gate` module, so a forward hook on `layer.gate` does not fire. To see the gate's output,
+    call encode(x) (values and indices: the k selected experts' coefficients) or hook the layer itself.
     """
 
     def __init__(self, d_in: int, d_hidden: int, d_out: int, n_experts: int, k: int, activation: str = "gelu",
@@ -72,16 +113,26 @@ class MxD(nn.Module):
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         glu, skip = _flag("glu", glu), _flag("skip", skip)
         factory = {"device": device, "dtype": _float_dtype(dtype)}
+        dims = {"d_in": d_in, "d_hidden": d_hidden, "d_out": d_out, "n_experts": n_experts}
+        parameters = {"encoder.weight": ("d_hidden", "d_in"), "encoder.bias": ("d_hidden",),
+                      "gate.weight": ("n_experts", "d_in"), "gate.bias": ("n_experts",),
+                      "experts": ("n_experts", "d_out"), "decoder": ("d_hidden", "d_out"), "bias": ("d_out",)}
+        if glu:
+            parameters.update({"glu.weight": ("d_hidden", "d_in"), "glu.bias": ("d_hidden",)})
+        if skip:
+            parameters["skip.weight"] = ("d_out", "d_in")
+        shapes = _parameter_shapes("MxD", dims, parameters, factory["dtype"])
         self.d_in, self.d_hidden, self.d_out, self.n_experts, self.k = d_in, d_hidden, d_out, n_experts, k
         self.activation = activation
-        self.encoder = nn.Linear(d_in, d_hidden, **factory)
-        self.glu = nn.Linear(d_in, d_hidden, **factory) if glu else None
-        self.gate = nn.Linear(d_in, n_experts, **factory)
-        self.experts = nn.Parameter(torch.empty(n_experts, d_out, **factory))
-        self.decoder = nn.Parameter(torch.empty(d_hidden, d_out, **factory))
-        self.bias = nn.Parameter(torch.empty(d_out, **factory))
-        self.skip = nn.Linear(d_in, d_out, bias=False, **factory) if skip else None
-        self.reset_parameters()
+        with _allocating("MxD", shapes, factory["dtype"], device):
+            self.encoder = nn.Linear(d_in, d_hidden, **factory)
+            self.glu = nn.Linear(d_in, d_hidden, **factory) if glu else None
+            self.gate = nn.Linear(d_in, n_experts, **factory)
+            self.experts = nn.Parameter(torch.empty(n_experts, d_out, **factory))
+            self.decoder = nn.Parameter(torch.empty(d_hidden, d_out, **factory))
+            self.bias = nn.Parameter(torch.empty(d_out, **factory))
+            self.skip = nn.Linear(d_in, d_out, bias=False, **factory) if skip else None
+            self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .module import _flag, _float_dtype, _input, _positive_int
+from .module import _allocating, _flag, _float_dtype, _input, _parameter_shapes, _positive_int
 from .ops.gather_combine import gather_combine
 from .ops.topk_gate import topk_gate
 
@@ -25,12 +25,19 @@ class TopKTranscoder(nn.Module):
             raise ValueError(f"k must satisfy 1 <= k <= width = {width}, got k = {k}")
         skip = _flag("skip", skip)
         factory = {"device": device, "dtype": _float_dtype(dtype)}
+        parameters = {"encoder.weight": ("width", "d_in"), "encoder.bias": ("width",),
+                      "decoder": ("width", "d_out"), "bias": ("d_out",)}
+        if skip:
+            parameters["skip.weight"] = ("d_out", "d_in")
+        shapes = _parameter_shapes("TopKTranscoder", {"d_in": d_in, "width": width, "d_out": d_out}, parameters,
+                                   factory["dtype"])
         self.d_in, self.width, self.d_out, self.k = d_in, width, d_out, k
-        self.encoder = nn.Linear(d_in, width, **factory)
-        self.decoder = nn.Parameter(torch.empty(width, d_out, **factory))
-        self.bias = nn.Parameter(torch.empty(d_out, **factory))
-        self.skip = nn.Linear(d_in, d_out, bias=False, **factory) if skip else None
-        self.reset_parameters()
+        with _allocating("TopKTranscoder", shapes, factory["dtype"], device):
+            self.encoder = nn.Linear(d_in, width, **factory)
+            self.decoder = nn.Parameter(torch.empty(width, d_out, **factory))
+            self.bias = nn.Parameter(torch.empty(d_out, **factory))
+            self.skip = nn.Linear(d_in, d_out, bias=False, **factory) if skip else None
+            self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

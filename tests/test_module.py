@@ -228,6 +228,76 @@ def test_wrong_input(make):
         layer([[0.0] * 12])
 
 
+@pytest.mark.parametrize("make,match", [
+    (lambda: mxd_fast.MxD(4, 4, 4, 2 ** 62, 2, device="meta"), "n_experts = 4611686018427387904"),
+    (lambda: mxd_fast.MxD(4, 4, 4, 2 ** 70, 2 ** 70, device="meta"), "n_experts = 1180591620717411303424"),
+    (lambda: mxd_fast.MxD(4, 2 ** 62, 4, 10, 2, device="meta"), "d_hidden = 4611686018427387904"),
+    (lambda: mxd_fast.MxD(1, 1, 1, 2 ** 61, 1, device="meta"), "n_experts = 2305843009213693952"),  # 2**63 bytes
+    (lambda: mxd_fast.MxD(2 ** 62, 4, 4, 10, 2, dtype=torch.float16, device="meta"), "d_in = 4611686018427387904"),
+    (lambda: mxd_fast.TopKTranscoder(4, 2 ** 64, 4, 2, device="meta"), "width = 18446744073709551616"),
+    (lambda: mxd_fast.TopKTranscoder(4, 10, 2 ** 62, 2, device="meta"), "d_out = 4611686018427387904"),
+])
+def test_sizes_too_large_for_a_tensor_name_the_argument(make, match):
+    # checked before anything is allocated (torch says "Overflow when unpacking long long" or
+    # "Storage size calculation overflowed", naming no argument)
+    with pytest.raises(ValueError, match=f"{match}.*more than a torch tensor can hold"):
+        make()
+
+
+@pytest.mark.parametrize("error", [RuntimeError, torch.OutOfMemoryError])
+@pytest.mark.parametrize("make,largest", [
+    (lambda: mxd_fast.MxD(12, 10, 9, 40, 5, glu=True, skip=True),
+     r"gate.weight \[n_experts = 40, d_in = 12\], 1,920 bytes"),
+    (lambda: mxd_fast.TopKTranscoder(12, 40, 9, 5), r"encoder.weight \[width = 40, d_in = 12\], 1,920 bytes"),
+])
+def test_allocation_failure_names_the_sizes_and_bytes(make, largest, error, monkeypatch):
+    layer = make()
+    total = sum(p.numel() * p.element_size() for p in layer.parameters())
+    empty = torch.empty
+
+    def failing_empty(*size, **kwargs):   # the allocator failing on the tensors of 40 rows
+        shape = size[0] if len(size) == 1 and not isinstance(size[0], int) else size
+        if 40 in tuple(shape):
+            raise error("DefaultCPUAllocator: can't allocate memory")
+        return empty(*size, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", failing_empty)
+    with pytest.raises(error, match=f"^{type(layer).__name__}: could not allocate its parameters, {total:,} bytes "
+                                    f"in all .*{largest}.*can't allocate memory") as info:
+        make()
+    assert type(info.value) is error
+    assert isinstance(info.value.__cause__, error)    # the allocator's error, chained
+
+
+def test_other_errors_during_construction_pass_unchanged(monkeypatch):
+    def failing_empty(*size, **kwargs):
+        raise NotImplementedError("no kernel")
+
+    monkeypatch.setattr(torch, "empty", failing_empty)
+    with pytest.raises(NotImplementedError, match="^no kernel$"):
+        mxd_fast.MxD(12, 10, 9, 40, 5)
+
+
+def test_a_hook_on_the_gate_does_not_fire_encode_shows_its_output():
+    # encode() reads gate.weight and gate.bias (the fused top-k gate): as the class docstring says
+    layer = _layer()
+    x = torch.randn(3, 12, dtype=torch.float64)
+    seen = []
+    handles = [layer.gate.register_forward_hook(lambda *a: seen.append("gate")),
+               layer.register_forward_hook(lambda *a: seen.append("layer"))]
+    try:
+        layer(x)
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == ["layer"]
+    _, values, indices = layer.encode(x)
+    expected = torch.relu(layer.gate(x)).topk(5, dim=-1)
+    torch.testing.assert_close(values.sort(-1).values, expected.values.sort(-1).values)
+    doc = " ".join(mxd_fast.MxD.__doc__.split())
+    assert "a forward hook on `layer.gate` does not fire" in doc and "encode(x)" in doc
+
+
 @pytest.mark.parametrize("backward_inside", [False, True])
 @pytest.mark.parametrize("compile_backend", [None, "aot_eager", "inductor"])
 def test_autocast_bf16(compile_backend, backward_inside):
