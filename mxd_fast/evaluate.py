@@ -43,6 +43,13 @@ def splice_layer(model: nn.Module, layer_index: int, layer: nn.Module) -> nn.Mod
     if not isinstance(layer, nn.Module):
         raise TypeError(f"layer must be an nn.Module, got {type(layer).__name__}")
     parent, attr, _ = find_mlp(model, layer_index)
+    config = getattr(model, "config", None)
+    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    inner = layer.layer if isinstance(layer, SplicedMLP) else layer
+    for name in ("d_in", "d_out"):   # a layer of another width would fail only at the next forward pass
+        size = getattr(inner, name, None)
+        if isinstance(size, int) and isinstance(width, int) and size != width:
+            raise ValueError(f"layer has {name} = {size}, but the model's blocks are {width} wide")
     old = getattr(parent, attr)
     as_is = (isinstance(layer, (SplicedMLP, ZeroMLP)) or getattr(layer, "_is_mlp_replacement", False)
              or layer in _TAKEN_OUT)
@@ -129,39 +136,41 @@ def evaluate(model: nn.Module, layer: nn.Module, layer_index: int, contexts: Ten
     y_sq = 0.0
     l0_sum = 0.0
     rows = 0
-    with Harvester(model, layer_index) as harvester:
-        for i in range(0, contexts.shape[0], batch):
-            ids = contexts[i:i + batch].to(device)
-            out, (x, y) = harvester.run_and_capture(ids)
-            s, c = _token_ce(out.logits, ids)
-            ce["clean"] += s
-            count += c
-            clean_logprobs = _next_token_logprobs(out.logits)
-            p = next(layer.parameters(), x)   # the layer's device and dtype (x's for a layer without parameters)
-            x = x.to(device=p.device, dtype=p.dtype)
-            y = y.to(device=p.device, dtype=torch.float32)
-            if hasattr(layer, "encode") and hasattr(layer, "decode"):
-                enc = layer.encode(x)
-                values = enc[-2]
-                y_hat = layer.decode(x, *enc).float()
-                l0_sum += float((values > 0).sum())
-            else:
-                y_hat = layer(x).float()
-            err += float(((y_hat - y) ** 2).sum())
-            energy += float((y ** 2).sum())
-            y_sq += float((y.double() ** 2).sum())
-            y_sum = y.double().sum(0) if y_sum is None else y_sum + y.double().sum(0)
-            rows += y.shape[0]
-            for name, replacement in (("spliced", layer), ("zero", ZeroMLP())):
-                with spliced(model, layer_index, replacement):
-                    logits = model(input_ids=ids, use_cache=False).logits
-                ce[name] += _token_ce(logits, ids)[0]
-                kl[name] += _token_kl(clean_logprobs, logits)
-                del logits
-            del out, clean_logprobs
-            if log is not None:
-                log(f"evaluated {i + ids.shape[0]}/{contexts.shape[0]} contexts")
-    layer.train(was_training)
+    try:
+        with Harvester(model, layer_index) as harvester:
+            for i in range(0, contexts.shape[0], batch):
+                ids = contexts[i:i + batch].to(device)
+                out, (x, y) = harvester.run_and_capture(ids)
+                s, c = _token_ce(out.logits, ids)
+                ce["clean"] += s
+                count += c
+                clean_logprobs = _next_token_logprobs(out.logits)
+                p = next(layer.parameters(), x)   # the layer's device and dtype (x's for a layer without parameters)
+                x = x.to(device=p.device, dtype=p.dtype)
+                y = y.to(device=p.device, dtype=torch.float32)
+                if hasattr(layer, "encode") and hasattr(layer, "decode"):
+                    enc = layer.encode(x)
+                    values = enc[-2]
+                    y_hat = layer.decode(x, *enc).float()
+                    l0_sum += float((values > 0).sum())
+                else:
+                    y_hat = layer(x).float()
+                err += float(((y_hat - y) ** 2).sum())
+                energy += float((y ** 2).sum())
+                y_sq += float((y.double() ** 2).sum())
+                y_sum = y.double().sum(0) if y_sum is None else y_sum + y.double().sum(0)
+                rows += y.shape[0]
+                for name, replacement in (("spliced", layer), ("zero", ZeroMLP())):
+                    with spliced(model, layer_index, replacement):
+                        logits = model(input_ids=ids, use_cache=False).logits
+                    ce[name] += _token_ce(logits, ids)[0]
+                    kl[name] += _token_kl(clean_logprobs, logits)
+                    del logits
+                del out, clean_logprobs
+                if log is not None:
+                    log(f"evaluated {i + ids.shape[0]}/{contexts.shape[0]} contexts")
+    finally:
+        layer.train(was_training)   # also when a batch fails
     clean, spl, zero = (ce[k] / max(count, 1) for k in ("clean", "spliced", "zero"))
     variance = y_sq - float((y_sum ** 2).sum()) / max(rows, 1) if rows else float("nan")
     gap = zero - clean

@@ -91,3 +91,23 @@ def test_read_documents_takes_suffixes_in_any_case(tmp_path):
     (tmp_path / "e.TXT.bak").write_text("not text")
     docs = H.read_documents([str(tmp_path)])
     assert docs == ["upper case suffix", "mixed case suffix", "lower case suffix", "a json line"]
+
+
+def test_splice_refuses_a_layer_of_another_width(gpt2):
+    from mxd_fast.evaluate import SplicedMLP, splice_layer
+    for layer in (MxD(D + 1, 8, D, 8, 2), MxD(D, 8, D - 1, 8, 2), SplicedMLP(MxD(D + 1, 8, D, 8, 2))):
+        with pytest.raises(ValueError, match="but the model's blocks are 32 wide"):
+            splice_layer(gpt2, 1, layer)
+    old = splice_layer(gpt2, 1, _layer())      # the right width goes in, and the original comes back
+    assert isinstance(splice_layer(gpt2, 1, old), SplicedMLP)
+
+
+def test_evaluate_restores_the_layers_mode_when_a_batch_fails(gpt2):
+    layer = _layer().train()
+
+    def fail(x):
+        raise RuntimeError("a failing batch")
+    layer.encode = fail
+    with pytest.raises(RuntimeError, match="a failing batch"):
+        evaluate(gpt2, layer, 1, _ids(2, 8))
+    assert layer.training
