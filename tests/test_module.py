@@ -145,6 +145,14 @@ def test_activation_checkpointing():
         torch.testing.assert_close(ckpt[name], plain[name], msg=name)
 
 
+def test_export_with_a_dynamic_batch_matches_eager():
+    layer = _layer(glu=True)
+    x = torch.randn(7, 12, dtype=torch.float64)
+    program = torch.export.export(layer, (x,), dynamic_shapes={"x": {0: torch.export.Dim("tokens")}})
+    for batch in (x, torch.randn(3, 12, dtype=torch.float64)):
+        torch.testing.assert_close(program.module()(batch), layer(batch))
+
+
 def test_vmap_matches_the_batched_call():
     layer = _layer()
     x = torch.randn(3, 4, 12, dtype=torch.float64)
