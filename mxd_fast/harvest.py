@@ -216,6 +216,8 @@ class Harvester:
         device = next(self.model.parameters()).device
         self._captured = None
         out = self.model(input_ids=input_ids.to(device), use_cache=False, **kwargs)
+        if self._captured is None:
+            raise RuntimeError(f"the MLP of layer {self.layer} did not run")
         x, y = self._captured
         self._captured = None
         return out, (x.reshape(-1, x.shape[-1]).to(self.out_dtype), y.reshape(-1, y.shape[-1]).to(self.out_dtype))

@@ -111,3 +111,11 @@ def test_evaluate_restores_the_layers_mode_when_a_batch_fails(gpt2):
     with pytest.raises(RuntimeError, match="a failing batch"):
         evaluate(gpt2, layer, 1, _ids(2, 8))
     assert layer.training
+
+
+def test_a_forward_that_skips_the_mlp_is_an_error(gpt2):
+    with H.Harvester(gpt2, 1) as harvester:
+        harvester._handle.remove()       # as if the model's forward never ran block 1's MLP
+        for call in (harvester.harvest, harvester.run_and_capture):
+            with pytest.raises(RuntimeError, match="the MLP of layer 1 did not run"):
+                call(_ids(2, 8))
