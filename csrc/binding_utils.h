@@ -105,7 +105,7 @@ struct ReverseIndex {
 inline ReverseIndex reverse_index(const at::Tensor& indices, int64_t N) {
   const int64_t total = indices.numel();
   TORCH_CHECK_VALUE(total < std::numeric_limits<int32_t>::max() && N < std::numeric_limits<int32_t>::max() - 1,
-              "mxd_fast cuda backend: the reverse index needs B * K < 2^31 and N < 2^31 - 1, got B * K = ",
+              "mxd_fast cuda backend: the reverse index needs B * K < 2^31 - 1 and N < 2^31 - 2, got B * K = ",
               total, ", N = ", N);
   const auto int_options = indices.options().dtype(at::kInt);
   ReverseIndex ri{at::empty({N + 1}, int_options), at::empty({total}, int_options)};

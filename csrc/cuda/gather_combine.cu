@@ -115,8 +115,9 @@ scatter_rows_kernel(const int32_t* __restrict__ row_ptr, const int32_t* __restri
   if (n >= sel.N) return;
   const int64_t c_begin = static_cast<int64_t>(blockIdx.y) * cols_per_warp;
   const int64_t c_end = c_begin + cols_per_warp < D ? c_begin + cols_per_warp : D;
-  const int32_t e_begin = row_ptr[n];
-  const int32_t e_end = row_ptr[n + 1];
+  // 64-bit positions: e0 + lane and e0 + kWarp may pass 2^31 - 1 when B * K is near it
+  const int64_t e_begin = row_ptr[n];
+  const int64_t e_end = row_ptr[n + 1];
   const int32_t K = static_cast<int32_t>(sel.K);
 
   for (int64_t base = c_begin; base < c_end; base += kWarp * VEC) {
@@ -125,7 +126,7 @@ scatter_rows_kernel(const int32_t* __restrict__ row_ptr, const int32_t* __restri
     A acc[VEC];
 #pragma unroll
     for (int i = 0; i < VEC; ++i) acc[i] = A(0);
-    for (int32_t e0 = e_begin; e0 < e_end; e0 += kWarp) {
+    for (int64_t e0 = e_begin; e0 < e_end; e0 += kWarp) {
       long long token = -1;
       A coef = A(0);
       if (e0 + lane < e_end) {
@@ -134,7 +135,7 @@ scatter_rows_kernel(const int32_t* __restrict__ row_ptr, const int32_t* __restri
         load_entry<T>(sel, p, row, coef);
         token = row >= 0 ? static_cast<long long>(p / K) : -1LL;
       }
-      const int cnt = e_end - e0 < kWarp ? e_end - e0 : kWarp;
+      const int cnt = e_end - e0 < kWarp ? static_cast<int>(e_end - e0) : kWarp;
 #pragma unroll 4
       for (int t = 0; t < cnt; ++t) {
         const long long b = __shfl_sync(kFullMask, token, t);
@@ -167,8 +168,8 @@ scatter_sum_kernel(const int32_t* __restrict__ row_ptr, const int32_t* __restric
   const int64_t n = static_cast<int64_t>(blockIdx.x) * (kRowThreads / kWarp) + (threadIdx.x / kWarp);
   if (n >= sel.N) return;
   A sum = A(0);
-  const int32_t e_end = row_ptr[n + 1];
-  for (int32_t e = row_ptr[n] + lane; e < e_end; e += kWarp) {
+  const int64_t e_end = row_ptr[n + 1];
+  for (int64_t e = static_cast<int64_t>(row_ptr[n]) + lane; e < e_end; e += kWarp) {
     long long row;
     A coef;
     load_entry<T>(sel, entries[e], row, coef);

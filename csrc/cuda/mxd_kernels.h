@@ -48,7 +48,7 @@ cudaError_t gathered_dot(DType dtype, Matrix table, int64_t D, const Selection& 
 // Reverse index of a [B, K] index tensor: entries[row_ptr[n] .. row_ptr[n + 1]) are the flat
 // positions p = b * K + j with indices[p] == n, in increasing p (a stable sort, so every row
 // reduction below sums its terms in one fixed order). row_ptr has N + 1 entries, entries B * K;
-// positions of out-of-range indices come after row_ptr[N]. Needs B * K < 2^31 and N < 2^31 - 1.
+// positions of out-of-range indices come after row_ptr[N]. Needs B * K < 2^31 - 1 and N < 2^31 - 2.
 size_t reverse_index_workspace_bytes(int64_t total, int64_t N);
 cudaError_t build_reverse_index(const int64_t* indices, int64_t total, int64_t N, int32_t* row_ptr,
                                 int32_t* entries, void* workspace, size_t workspace_bytes,
