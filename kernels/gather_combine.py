@@ -66,6 +66,7 @@ def _embedding_bag_kernel(table_ptr, coeff_ptr, idx_ptr, scale_ptr, bias_ptr, ou
         c = tl.load(coeff_ptr + b * s_cb + j * s_ck, mask=mj, other=0).to(ACC)
         ok = mj & (n >= 0) & (n < N)
         n = tl.where(ok, n, 0).to(tl.int64)
+        c = tl.where(ok, c, 0.0)    # an out-of-range entry adds nothing, whatever its coefficient (0 * inf)
         rows = tl.load(table_ptr + n[:, None] * s_tn + rd[None, :] * s_td,
                        mask=ok[:, None] & md[None, :], other=0).to(ACC)
         acc2 += rows * c[:, None]

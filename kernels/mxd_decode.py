@@ -232,7 +232,8 @@ def _span(t: Tensor, rows: int, cols: int) -> int:
 def _tiles_fit(z, decoder, experts, values, indices, *others) -> bool:
     bm, bn, bh = _TILE
     K = indices.shape[1]
-    spans = [_span(z, bm, bh), _span(decoder, bh, bn), (bn - 1) * experts.stride(1),
+    # bh + 1: the pointers step by BLOCK_H rows of H in 32 bits as well
+    spans = [_span(z, bm, bh + 1), _span(decoder, bh + 1, bn), (bn - 1) * experts.stride(1),
              (bm - 1) * values.stride(0) + K * values.stride(1), (bm - 1) * indices.stride(0) + K * indices.stride(1)]
     spans += [_span(t, bm, bn) for t in others if t is not None]
     spans.append((bm - 1) * decoder.shape[1] + bn - 1)  # the contiguous [B, O] outputs
@@ -304,6 +305,8 @@ def mxd_decode_forward(z: Tensor, decoder: Tensor, experts: Tensor, values: Tens
     if fitted is None:
         return _torch_impl.mxd_decode_torch_forward(z, decoder, experts, values, indices, bias)
     z, decoder, experts, values, indices = fitted
+    if bias is not None and (_TILE[1] - 1) * bias.stride(0) > _INT32_MAX:   # its in-tile offset too
+        bias = bias.contiguous()
     source = epilogue_source()
     c_tilde = embedding_bag(experts, values, indices) if source == "precomputed" else None
     _launch(z, decoder, experts, values, indices, c_source=_C_SOURCE[source], c_tilde=c_tilde, bias=bias, y=y)

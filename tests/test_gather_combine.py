@@ -104,6 +104,8 @@ def test_unchecked_out_of_range_indices_contribute_zero(backend, device):
     bad[0, 1] = bad[3, 0] = bad[5, 3] = bad[8, 2] = True
     indices = indices.masked_scatter(bad, torch.tensor([-1, 12, 1000, -5000], device=device))
     kept = values.masked_fill(bad, 0)    # the reference: the same selection without those entries
+    inf, nan = float("inf"), float("nan")   # their coefficients must not reach the output either (0 * inf)
+    values = values.masked_scatter(bad, torch.tensor([inf, nan, -inf, 2.0], device=device))
     safe = indices.masked_fill(bad, 0)
     forward = kernel(OP, "forward", device, gather_combine_torch_forward)
     backward = kernel(OP, "backward", device, gather_combine_torch_backward)

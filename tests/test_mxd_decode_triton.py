@@ -213,3 +213,20 @@ def test_mxd_decode_offset_guard(dev, monkeypatch, limit):
     z, decoder, experts, values, indices, bias = make_inputs((15,), 22, 26, 10, 3, torch.float32, dev, seed=47)
     z = torch.cat([z, z], 1)[:, ::2]
     run_case((z, decoder, experts, values, indices, bias), torch.float32, grad_kind="strided")
+
+
+def test_a_bias_stride_past_32_bit_tile_offsets(dev):
+    """The bias's in-tile offset (BLOCK_N - 1) * stride overflowed 32 bits (a read far before the bias).
+    CPU only: the view spans 9 GB of lazily mapped memory, of which 16 elements are touched."""
+    if dev.type != "cpu":
+        pytest.skip("needs lazily mapped host memory")
+    O, stride = 16, 150_000_000                 # (16 - 1) * stride > 2^31 - 1 at the interpreter's BLOCK_N = 16
+    try:
+        store = torch.empty((O - 1) * stride + 1)
+    except RuntimeError:
+        pytest.skip("this machine does not map a 9 GB tensor lazily")
+    bias = store.as_strided((O,), (stride,))
+    bias.copy_(torch.arange(O, dtype=torch.float32))
+    z, dec, ex = torch.zeros(2, 3), torch.zeros(3, O), torch.zeros(2, O)
+    v, i = torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.int64)
+    torch.testing.assert_close(mdk.mxd_decode_forward(z, dec, ex, v, i, bias), bias.expand(2, O))

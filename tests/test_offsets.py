@@ -49,6 +49,9 @@ def test_large_tensors_with_small_tiles_fit():
     ("z", (300, 64), (2 ** 26, 1)),            # rows of z far apart: a tile spans > 2^31
     ("decoder", (64, 96), (1, 2 ** 26)),       # column-major decoder with a huge column stride
     ("values", (300, 8), (2 ** 25, 1)),
+    # each tile's offsets fit, but the pointers step by BLOCK_H rows of H, which does not
+    ("z", (300, BH + 1), (1, INT32_MAX // BH + 1)),
+    ("decoder", (BH + 1, 96), (INT32_MAX // BH + 1, 1)),
 ])
 def test_a_strided_operand_whose_tile_overflows_is_made_contiguous(name, shape, stride):
     ops = decode_operands(**{name: meta(shape, stride, torch.int64 if name == "indices" else torch.bfloat16)})
