@@ -375,13 +375,14 @@ def topk_gate_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 
 def topk_gate_backward(grad_values, x, weight, values, indices, need_x: bool, need_weight: bool,
                        need_bias: bool, deterministic: bool):
+    from mxd_fast.ops.topk_gate import relu_masked
+
     from .gather_combine import build_csr, embedding_bag, scatter_rows, scatter_sum
 
     B, I = x.shape
     N = weight.shape[0]
     device = x.device
-    # Only selected logits carry gradient, and not where relu clipped them (as torch.relu: NaN passes).
-    grad_logits = torch.where(values <= 0, torch.zeros((), dtype=grad_values.dtype, device=device), grad_values)
+    grad_logits = relu_masked(grad_values, values)
     dx = dweight = dbias = None
     if B == 0:
         if need_x:

@@ -144,16 +144,15 @@ def map_activation(name: str) -> str:
     raise ValueError(f"no MxD activation for the model's MLP activation {name!r}")
 
 
-def check_input_ids(name: str, input_ids, model: nn.Module, min_tokens: int = 1) -> Tensor:
-    """input_ids: token ids [batch, tokens], batch >= 1 and min_tokens <= tokens <= the model's positions
-    (when its config says); errors name the argument `name`."""
+def check_input_ids(name: str, input_ids, model: nn.Module) -> Tensor:
+    """input_ids: token ids [batch, tokens], batch >= 1 and 1 <= tokens <= the model's positions (when
+    its config says); errors name the argument `name`."""
     check_tensor(name, input_ids, ndim=2)
     n, length = input_ids.shape
     if n == 0:
         raise ValueError(f"{name}: no context (shape {tuple(input_ids.shape)}), give at least one")
-    if length < min_tokens:
-        raise ValueError(f"{name}: contexts of {length} token(s) (shape {tuple(input_ids.shape)}), "
-                         f"at least {min_tokens} needed")
+    if length == 0:
+        raise ValueError(f"{name}: contexts of 0 token(s) (shape {tuple(input_ids.shape)}), at least 1 needed")
     positions = max_positions(model)
     if positions is not None and length > positions:
         raise ValueError(f"{name}: contexts of {length} tokens (shape {tuple(input_ids.shape)}) are longer "

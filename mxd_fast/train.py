@@ -798,12 +798,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     glu = dims["glu"] if args.glu == "auto" else args.glu == "yes"
     memory = _memory_bytes(device)
     row = 2 * d * 4                                             # a harvested (x, y) pair, fp32
-    for option, rows, what in (("--buffer", args.buffer, "rows of x and y in the pool"),
-                               ("--batch", rank_batch, "rows of x and y in a batch"),
-                               ("--harvest-contexts", args.harvest_contexts * args.context,
+    for option, rows, what in ((f"--buffer {args.buffer}", args.buffer, "rows of x and y in the pool"),
+                               (f"--batch {args.batch}", rank_batch, "rows of x and y in a batch"),
+                               (f"--harvest-contexts {args.harvest_contexts}", args.harvest_contexts * args.context,
                                 "harvested rows of x and y at a time")):
-        _refuse_past_memory(f"{option} {getattr(args, option[2:].replace('-', '_'))}", rows * row, memory, device,
-                            f"{rows:,} {what}")
+        _refuse_past_memory(option, rows * row, memory, device, f"{rows:,} {what}")
 
     # layer
     sizes = " ".join(f"--{n} {getattr(args, n)}" for n in ("budget", "k", "hidden", "experts")

@@ -73,10 +73,16 @@ def topk_gate_torch_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k
     return values, indices
 
 
+def relu_masked(grad_values: Tensor, values: Tensor) -> Tensor:
+    """The gradient of the selected logits: grad_values, zero where relu clipped the logit (values <= 0;
+    a NaN passes, as through torch.relu). Every backend's gate backward starts from it."""
+    return torch.where(values <= 0, torch.zeros((), dtype=grad_values.dtype, device=grad_values.device),
+                       grad_values)
+
+
 def topk_gate_torch_backward(grad_values, x, weight, values, indices, need_x: bool, need_weight: bool,
                              need_bias: bool, deterministic: bool):
-    # Only selected logits carry gradient, and not where relu clipped them (as torch.relu: NaN passes).
-    grad_logits = torch.where(values <= 0, torch.zeros((), dtype=grad_values.dtype), grad_values)
+    grad_logits = relu_masked(grad_values, values)
     dx = _sparse.gather_combine(weight, grad_logits, indices) if need_x else None
     dweight = _sparse.scatter_rows(indices, grad_logits, x, weight.shape[0], deterministic) if need_weight else None
     dbias = _sparse.scatter_sum(indices, grad_logits, weight.shape[0], deterministic) if need_bias else None
