@@ -50,6 +50,16 @@ def shared_memory_limit(t: torch.Tensor) -> int:
     return int(limit) if limit else SHARED_MEMORY.get(props.major * 10 + props.minor, 99 * 1024)
 
 
+def tf32_allowed() -> bool:
+    """Whether torch lets fp32 CUDA matmuls use TF32. Read through torch.backends.cuda.matmul.fp32_precision,
+    which reflects both APIs: the legacy readers (allow_tf32, get_float32_matmul_precision) raise once the
+    new one has been used to set it."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision is None:   # torch releases before the fp32_precision API
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    return precision == "tf32"
+
+
 def autotune_enabled() -> bool:
     """GPU launches autotune their configuration unless MXD_FAST_AUTOTUNE=0 (then each kernel takes its
     default configuration: no benchmarking of candidates, one compilation per launch signature)."""

@@ -28,7 +28,7 @@ from torch import Tensor
 from mxd_fast._utils import new_empty
 from mxd_fast.ops import mxd_decode as _torch_impl
 
-from ._device import LAUNCH_OPTIONS, autotune_enabled, capability, compiled
+from ._device import LAUNCH_OPTIONS, autotune_enabled, capability, compiled, tf32_allowed
 from .gather_combine import embedding_bag, gathered_dot, scatter_rows
 
 __all__ = ["mxd_decode_forward", "mxd_decode_backward"]
@@ -175,7 +175,7 @@ _INTERLEAVED_CONFIGS = [
 
 _PRE_HOPPER_FP32_CONFIG = _config(128, 64, 32, 4, 4, 1)
 
-_TUNE_KEY = ["B_BUCKET", "H", "O", "K", "C_SOURCE", "WRITE_Y", "WRITE_GH", "WRITE_GC"]
+_TUNE_KEY = ["B_BUCKET", "H", "O", "K", "C_SOURCE", "HAS_BIAS", "WRITE_Y", "WRITE_GH", "WRITE_GC", "PRECISION"]
 _mxd_decode_tuned = triton.autotune(configs=_CUDA_CONFIGS, key=_TUNE_KEY)(_mxd_decode_kernel)
 _mxd_decode_tuned_interleaved = triton.autotune(configs=_INTERLEAVED_CONFIGS, key=_TUNE_KEY)(_mxd_decode_kernel)
 
@@ -185,7 +185,7 @@ _INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_H=16, GROUP_M=2, UNROLL
 def _precision(dtype: torch.dtype) -> str:
     """fp32 follows torch's own matmul flag (exact fp32 unless TF32 is allowed); 16-bit inputs take
     Triton's default, which only concerns fp32 operands."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not tf32_allowed():
         return "ieee"
     return "tf32"
 

@@ -57,7 +57,7 @@ import triton.language as tl
 from mxd_fast._utils import new_empty
 
 from ._device import (LAUNCH_OPTIONS, autotune_enabled, capability, compiled, multiprocessor_count,
-                      shared_memory_limit)
+                      shared_memory_limit, tf32_allowed)
 
 # Largest k handled in registers; larger k uses the torch backend's tiled path.
 MAX_K = 256
@@ -269,7 +269,7 @@ def _default_config(k_pad: int, dtype: torch.dtype, cap: int) -> triton.Config:
 
 
 _tuned_fwd_kernel = triton.autotune(
-    configs=_cuda_configs(), key=["I", "N", "K", "HAS_BIAS", "SPLIT", "B_BUCKET"],
+    configs=_cuda_configs(), key=["I", "N", "K", "HAS_BIAS", "SPLIT", "B_BUCKET", "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune},
 )(_topk_gate_fwd_kernel)
 
@@ -298,7 +298,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     if dtype != torch.float32:
         return "tf32"  # only read for float32 inputs
     # fp32 follows torch's matmul precision setting: tf32 only where torch allows it.
-    return "tf32" if torch.get_float32_matmul_precision() != "highest" else "tf32x3"
+    return "tf32" if tf32_allowed() else "tf32x3"
 
 
 def _choose_split(B: int, N: int, x: torch.Tensor) -> int:

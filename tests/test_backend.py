@@ -212,3 +212,31 @@ def test_interpreter_switched_on_after_triton_was_imported_is_refused():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert "TRITON_INTERPRET=1 was set after triton was imported" in out.stdout, out.stdout + out.stderr
+
+
+def test_triton_fp32_precision_follows_both_torch_apis():
+    """The Triton kernels' fp32 dot precision follows torch's TF32 setting, whichever API set it. Once the
+    new one (fp32_precision) is used, torch's legacy readers raise; the kernels must not."""
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    script = (
+        "import torch\n"
+        "from mxd_fast.kernels import mxd_decode, topk_gate\n"
+        "steps = [('pass', False),\n"
+        "         ('torch.set_float32_matmul_precision(\"high\")', True),\n"
+        "         ('torch.set_float32_matmul_precision(\"highest\")', False),\n"
+        "         ('torch.backends.cuda.matmul.allow_tf32 = True', True),\n"
+        "         ('torch.backends.cuda.matmul.allow_tf32 = False', False),\n"
+        "         ('torch.backends.cuda.matmul.fp32_precision = \"tf32\"', True),\n"
+        "         ('torch.backends.cuda.matmul.fp32_precision = \"ieee\"', False),\n"
+        "         ('torch.backends.cuda.matmul.fp32_precision = \"none\"; torch.backends.fp32_precision = \"tf32\"', True)]\n"
+        "for step, tf32 in steps:\n"
+        "    exec(step)\n"
+        "    got = (mxd_decode._precision(torch.float32), topk_gate._dot_precision(torch.float32))\n"
+        "    want = ('tf32', 'tf32') if tf32 else ('ieee', 'tf32x3')\n"
+        "    assert got == want, (step, got, want)\n"
+        "    assert mxd_decode._precision(torch.bfloat16) == 'tf32'\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "ok", out.stdout + out.stderr

@@ -22,3 +22,24 @@ def test_every_launched_configuration_compiles(capability):
     kernels = {r.kernel for r in records}
     assert {"_topk_gate_fwd_kernel", "_mxd_decode_kernel"} <= kernels, kernels
     assert check_build.failures(records) == []
+
+
+# Compile-time arguments an autotuner may leave out of its key: those fixed by the key's own arguments or
+# by the interpreter (never on a GPU, where the tuned kernels run).
+_DERIVED = {"K_PAD", "FULL_MERGE_AT", "TO_WORKSPACE", "DOT_UPCAST", "DOT_FP32"}
+
+
+def test_autotune_keys_cover_every_compile_time_argument():
+    """A configuration tuned for one setting (fp32 precision, bias or none, ...) must not be reused for
+    another: every constexpr a launch sets is in the key unless the configuration sets it."""
+    from triton.runtime.autotuner import Autotuner
+
+    from mxd_fast.kernels import mxd_decode, topk_gate
+
+    tuners = [obj for module in (mxd_decode, topk_gate) for obj in vars(module).values() if isinstance(obj, Autotuner)]
+    assert len(tuners) == 3, tuners
+    for tuner in tuners:
+        constexprs = {p.name for p in tuner.fn.params if p.is_constexpr}
+        tuned = set().union(*(c.kwargs for c in tuner.configs))
+        missing = constexprs - tuned - set(tuner.keys) - _DERIVED
+        assert not missing, (tuner.fn.__name__, sorted(missing))
