@@ -108,6 +108,7 @@ def _backward(ctx, grad_y):
 
 _gather_combine_op.register_autograd(_backward, setup_context=_setup_context)
 _guards.register(_gather_combine_op, check=validate_selection)
+_guards.register(_gather_combine_backward_op)
 _autocast.register("gather_combine", check=validate_selection)
 _autocast.register("gather_combine_backward", cast=False)
 

@@ -133,6 +133,7 @@ def _backward(ctx, grad_y):
 
 _mxd_decode_op.register_autograd(_backward, setup_context=_setup_context)
 _guards.register(_mxd_decode_op, check=_validate)
+_guards.register(_mxd_decode_backward_op)
 _autocast.register("mxd_decode", check=_validate)
 _autocast.register("mxd_decode_backward", cast=False)
 

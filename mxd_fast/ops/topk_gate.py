@@ -150,6 +150,7 @@ def _backward(ctx, grad_values, grad_indices):
 
 _topk_gate_op.register_autograd(_backward, setup_context=_setup_context)
 _guards.register(_topk_gate_op, check=_validate)
+_guards.register(_topk_gate_backward_op)
 _autocast.register("topk_gate", check=_validate)
 _autocast.register("topk_gate_backward", cast=False)
 
