@@ -62,7 +62,7 @@ def _autograd_impl(op, op_def):
             ctx.needs_input_grad = needs
         return (*result, None)
 
-    function = type(f"{op._opname}_autograd", (_SingleLevelFunction,),
+    function = type(f"mxd_fast_{op._opname}", (_SingleLevelFunction,),   # grad_fn: mxd_fast_<op>Backward
                     {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def autograd_impl(keyset, *args):
