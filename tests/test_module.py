@@ -160,7 +160,36 @@ def test_vmap_matches_the_batched_call():
 
 
 
-@pytest.mark.filterwarnings("ignore:There is a performance drop")   # vmap's per-sample fallback
+@pytest.mark.filterwarnings("error:There is a performance drop")   # torch's per-sample vmap fallback
+def test_vmap_rules_of_every_op():
+    """Unbatched weights: the vmapped dimension is folded into the leading dimensions (any in_dim, a
+    per-token argument unbatched); batched weights: one call per sample. Against per-sample calls."""
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *s: torch.randn(*s, dtype=torch.float64, generator=g)   # noqa: E731
+    V, N = 3, 16
+    w, dec, bias = rand(N, 8), rand(6, 8), rand(8)
+    vals, idx = rand(4, V, 2), torch.randint(0, N, (4, V, 2), generator=g)
+    z, x, gates = rand(4, V, 6), rand(4, V, 8), rand(V, N, 8)
+    ops = {
+        "gather_combine": (lambda v, i, wt: mxd_fast.gather_combine(wt, v, i), (vals, idx, w), (1, 1, None)),
+        "gather_combine, unbatched indices": (lambda v, wt: mxd_fast.gather_combine(wt, v, idx[:, 0]), (vals, w), (1, None)),
+        "gather_combine, batched weight": (lambda v, i, wt: mxd_fast.gather_combine(wt, v, i), (vals, idx, rand(V, N, 8)), (1, 1, 0)),
+        "topk_gate": (lambda xx, gt: mxd_fast.topk_gate(xx, gt, None, 3), (x, gates[0]), (1, None)),
+        "topk_gate, batched weight": (lambda xx, gt: mxd_fast.topk_gate(xx, gt, None, 3), (x, gates), (1, 0)),
+        "mxd_decode": (lambda zz, v, i: mxd_fast.mxd_decode(zz, dec, w, v, i, bias), (z, vals, idx), (1, 1, 1)),
+        "mxd_decode, batched bias": (lambda zz, b: mxd_fast.mxd_decode(zz, dec, w, vals[:, 0], idx[:, 0], b),
+                                     (z, rand(V, 8)), (1, 0)),
+    }
+    for name, (fn, args, in_dims) in ops.items():
+        batched = torch.func.vmap(fn, in_dims=in_dims)(*args)
+        for b in range(V):
+            expected = fn(*(a if d is None else a.select(d, b) for a, d in zip(args, in_dims)))
+            got = tuple(o[b] for o in batched) if isinstance(batched, tuple) else batched[b]
+            torch.testing.assert_close(got, expected, msg=f"{name}, sample {b}")
+    assert torch.func.vmap(lambda v, i: mxd_fast.gather_combine(w, v, i))(vals[:0], idx[:0]).shape == (0, V, 8)
+
+
+@pytest.mark.filterwarnings("error:There is a performance drop")
 def test_reverse_mode_torch_func_transforms_match_autograd():
     """torch.func.grad, vjp, jacrev and vmap(grad) (per-example gradients) through every op give what
     torch.autograd gives (the autograd.Function that register_autograd generates could not run under them)."""

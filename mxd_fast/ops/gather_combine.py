@@ -11,7 +11,7 @@ from torch import Tensor
 from .. import backend as _backend
 from .._utils import (autocasting, check_float, check_index, check_tensor, flatten_leading,
                       maybe_check_index_range, placeholder)
-from . import _autocast, _guards, _sparse
+from . import _autocast, _guards, _sparse, _vmap
 from ._dispatch import kernel
 
 
@@ -111,6 +111,8 @@ _guards.register(_gather_combine_op, check=validate_selection)
 _guards.register(_gather_combine_backward_op)
 _autocast.register("gather_combine", check=validate_selection)
 _autocast.register("gather_combine_backward", cast=False)
+_vmap.register("gather_combine", leading=(1, 2), weights=(0,))
+_vmap.register("gather_combine_backward")
 
 
 def gather_combine(weight: Tensor, values: Tensor, indices: Tensor) -> Tensor:

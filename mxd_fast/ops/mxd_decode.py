@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import backend as _backend
 from .._utils import autocasting, check_float, check_tensor, flatten_leading, placeholder
-from . import _autocast, _guards, _sparse
+from . import _autocast, _guards, _sparse, _vmap
 from ._dispatch import kernel
 from .gather_combine import flat_selection, validate_selection
 
@@ -136,6 +136,8 @@ _guards.register(_mxd_decode_op, check=_validate)
 _guards.register(_mxd_decode_backward_op)
 _autocast.register("mxd_decode", check=_validate)
 _autocast.register("mxd_decode_backward", cast=False)
+_vmap.register("mxd_decode", leading=(0, 3, 4), weights=(1, 2, 5))
+_vmap.register("mxd_decode_backward")
 
 
 def mxd_decode(z: Tensor, decoder: Tensor, experts: Tensor, values: Tensor, indices: Tensor,

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import backend as _backend
 from .._utils import autocasting, check_float, check_k, check_tensor, flatten_leading, placeholder
-from . import _autocast, _guards, _sparse
+from . import _autocast, _guards, _sparse, _vmap
 from ._dispatch import kernel
 
 # Tile of the torch backend: logits of at most this many elements exist at once.
@@ -153,6 +153,8 @@ _guards.register(_topk_gate_op, check=_validate)
 _guards.register(_topk_gate_backward_op)
 _autocast.register("topk_gate", check=_validate)
 _autocast.register("topk_gate_backward", cast=False)
+_vmap.register("topk_gate", leading=(0,), weights=(1, 2))
+_vmap.register("topk_gate_backward")
 
 
 def topk_gate(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int) -> tuple[Tensor, Tensor]:
