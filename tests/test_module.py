@@ -190,6 +190,29 @@ def test_vmap_rules_of_every_op():
 
 
 @pytest.mark.filterwarnings("error:There is a performance drop")
+def test_jacobian_with_respect_to_the_input_calls_each_backward_op_once(monkeypatch):
+    """jacrev(layer)(x) vmaps the backward ops over the output's cotangents; with no weight gradient asked
+    for, each is folded into one call (a loop would call it once per output element)."""
+    from mxd_fast.ops import gather_combine as gc_mod, mxd_decode as md_mod, topk_gate as tg_mod
+    calls = []
+    for module in (gc_mod, md_mod, tg_mod):
+        real = module.kernel
+        monkeypatch.setattr(module, "kernel", lambda op, direction, *a, _real=real: (calls.append((op, direction)),
+                                                                                    _real(op, direction, *a))[1])
+    layer = _layer()
+    x = torch.randn(3, 12, dtype=torch.float64)
+    jacobian = torch.func.jacrev(layer)(x)
+    assert sorted(c for c in calls if c[1] == "backward") == [("mxd_decode", "backward"), ("topk_gate", "backward")]
+    torch.testing.assert_close(jacobian, torch.autograd.functional.jacobian(layer, x))
+    calls.clear()
+    values, indices = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 40, (3, 4))
+    combine = lambda v: mxd_fast.gather_combine(layer.experts.detach(), v, indices)   # noqa: E731
+    jacobian = torch.func.jacrev(combine)(values)
+    assert [c for c in calls if c[1] == "backward"] == [("gather_combine", "backward")]
+    torch.testing.assert_close(jacobian, torch.autograd.functional.jacobian(combine, values))
+
+
+@pytest.mark.filterwarnings("error:There is a performance drop")
 def test_reverse_mode_torch_func_transforms_match_autograd():
     """torch.func.grad, vjp, jacrev and vmap(grad) (per-example gradients) through every op give what
     torch.autograd gives (the autograd.Function that register_autograd generates could not run under them)."""

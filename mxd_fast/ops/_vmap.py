@@ -1,9 +1,10 @@
 """torch.func.vmap rules of the ops (without them torch loops over the batch with a warning).
 
-A forward op whose weights are not batched folds the vmapped dimension into its inputs' leading
-dimensions, which every op accepts: one call for the whole batch. Otherwise (batched weights, and the
-backward ops, whose weight gradients are per sample under vmap(grad)) the rule calls the op once per
-sample, as torch's fallback would."""
+When the weights are not batched and no weight gradient is asked for, the vmapped dimension is folded
+into the leading (token) dimensions, which every op accepts: one call for the whole batch. This covers
+the forward ops and, under jacrev or vmap(grad) with respect to the inputs, the backward ops. Otherwise
+(batched weights, or weight gradients, which are per sample under vmap) the op runs once per sample, as
+torch's fallback would."""
 from __future__ import annotations
 
 import torch
@@ -19,22 +20,27 @@ def _stack(outputs):
     return torch.stack(outputs), 0
 
 
-def register(op_name: str, leading: tuple[int, ...] = (), weights: tuple[int, ...] = ()) -> None:
+def register(op_name: str, leading: tuple[int, ...], weights: tuple[int, ...], flags: tuple[int, ...] = (),
+             weight_grads: tuple[int, ...] = ()) -> None:
     """leading: positions of the arguments with leading (token) dimensions; weights: positions of those
-    that must be unbatched to fold. A backward op passes neither: it always loops."""
+    that must be unbatched to fold. Backward ops: flags[i] is the position of the bool asking for output
+    i (an unasked output is an empty placeholder); weight_grads: the outputs that are weight gradients."""
     op = getattr(torch.ops.mxd_fast, op_name).default
 
     def rule(info, in_dims, *args):
         size = info.batch_size
-        if leading and all(in_dims[i] is None for i in weights):
+        if all(in_dims[i] is None for i in weights) and not any(args[flags[i]] for i in weight_grads):
             folded = list(args)
             for i in leading:
                 arg, dim = args[i], in_dims[i]
                 folded[i] = arg.movedim(dim, 0) if dim is not None else arg.expand(size, *arg.shape)
             output = op(*folded)
-            return output, ((0,) * len(output) if isinstance(output, tuple) else 0)
+            if not flags:
+                return output, ((0,) * len(output) if isinstance(output, tuple) else 0)
+            return output, tuple(0 if args[flag] else None for flag in flags)
         if size == 0:
-            raise ValueError(f"mxd_fast.{op_name}: vmap over an empty dimension needs unbatched weights")
+            raise ValueError(f"mxd_fast.{op_name}: vmap over an empty dimension needs unbatched weights "
+                             f"and no weight gradient")
         return _stack([op(*(_select(a, d, b) for a, d in zip(args, in_dims))) for b in range(size)])
 
     torch.library.register_vmap(f"mxd_fast::{op_name}", rule)

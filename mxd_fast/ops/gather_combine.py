@@ -112,7 +112,7 @@ _guards.register(_gather_combine_backward_op)
 _autocast.register("gather_combine", check=validate_selection)
 _autocast.register("gather_combine_backward", cast=False)
 _vmap.register("gather_combine", leading=(1, 2), weights=(0,))
-_vmap.register("gather_combine_backward")
+_vmap.register("gather_combine_backward", leading=(0, 2, 3), weights=(1,), flags=(4, 5), weight_grads=(0,))
 
 
 def gather_combine(weight: Tensor, values: Tensor, indices: Tensor) -> Tensor:

@@ -137,7 +137,8 @@ _guards.register(_mxd_decode_backward_op)
 _autocast.register("mxd_decode", check=_validate)
 _autocast.register("mxd_decode_backward", cast=False)
 _vmap.register("mxd_decode", leading=(0, 3, 4), weights=(1, 2, 5))
-_vmap.register("mxd_decode_backward")
+_vmap.register("mxd_decode_backward", leading=(0, 1, 4, 5), weights=(2, 3), flags=(6, 7, 8, 9, 10),
+               weight_grads=(1, 2, 4))
 
 
 def mxd_decode(z: Tensor, decoder: Tensor, experts: Tensor, values: Tensor, indices: Tensor,

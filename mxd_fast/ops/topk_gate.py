@@ -154,7 +154,8 @@ _guards.register(_topk_gate_backward_op)
 _autocast.register("topk_gate", check=_validate)
 _autocast.register("topk_gate_backward", cast=False)
 _vmap.register("topk_gate", leading=(0,), weights=(1, 2))
-_vmap.register("topk_gate_backward")
+_vmap.register("topk_gate_backward", leading=(0, 1, 3, 4), weights=(2,), flags=(5, 6, 7),
+               weight_grads=(1, 2))
 
 
 def topk_gate(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int) -> tuple[Tensor, Tensor]:
