@@ -250,20 +250,23 @@ def _default_config(k_pad: int, dtype: torch.dtype, cap: int) -> triton.Config:
     """The configuration used without autotuning (MXD_FAST_AUTOTUNE=0); it fits in registers. On sm_90 Triton
     uses the Hopper tensor-core instructions (wgmma) only from 64 rows per program: k = 128 takes 64 rows on 8
     warps rather than 32 rows (mma.sync); fp32 there takes 64 experts per tile, as 128 spill with tf32x3 under
-    Triton 3.6 (no spills for either dtype under Triton 3.6 and 3.9 on sm_90). Before sm_90 (mma.sync
+    Triton 3.6 (no spills for either dtype under Triton 3.6, 3.8 and 3.9 on sm_90). Before sm_90 (mma.sync
     throughout, more registers per tile) 64 rows spill at k = 64 and 128 and in fp32: those take 32 rows
-    (fp32: 64 experts per tile, on 8 warps up to k = 8, where 4 spill; checked against ptxas for sm_80)."""
+    (fp32: 64 experts per tile), and every tile takes 8 warps (16 at k = 256): on 4, Triton 3.8 spills 12 B
+    to 3.7 KB per thread at k = 32, 128 and 256, and 32 B on 8 at k = 256 (checked against ptxas for sm_80
+    under Triton 3.8 and 3.9)."""
     pre_hopper = cap < 90
     bb = 64 if k_pad <= 128 else 16
     if dtype == torch.float32:
         if pre_hopper and k_pad <= 128:
-            return triton.Config(dict(BLOCK_B=32, BLOCK_N=64, BLOCK_I=32, FULL_MERGE=False),
-                                 num_warps=8 if k_pad <= 8 else 4, num_stages=3)
+            return triton.Config(dict(BLOCK_B=32, BLOCK_N=64, BLOCK_I=32, FULL_MERGE=False), num_warps=8, num_stages=3)
         bn = 64 if k_pad == 128 else 128
         return triton.Config(dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_I=32, FULL_MERGE=False), num_warps=8, num_stages=3)
     if pre_hopper and k_pad in (64, 128):
         bb = 32
     warps = max(4, bb * k_pad // 1024)   # the running set's register bound in _fits
+    if pre_hopper:
+        warps = 16 if k_pad >= 256 else max(8, warps)
     return triton.Config(dict(BLOCK_B=bb, BLOCK_N=128, BLOCK_I=64, FULL_MERGE=False),
                          num_warps=warps, num_stages=4 if warps == 4 and bb > 16 else 3)
 
