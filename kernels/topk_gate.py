@@ -264,9 +264,8 @@ def _default_config(k_pad: int, dtype: torch.dtype, cap: int) -> triton.Config:
         return triton.Config(dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_I=32, FULL_MERGE=False), num_warps=8, num_stages=3)
     if pre_hopper and k_pad in (64, 128):
         bb = 32
-    warps = max(4, bb * k_pad // 1024)   # the running set's register bound in _fits
-    if pre_hopper:
-        warps = 16 if k_pad >= 256 else max(8, warps)
+    # sm_90: the running set's register bound in _fits; before sm_90 that bound is at most 4 warps
+    warps = (16 if k_pad >= 256 else 8) if pre_hopper else max(4, bb * k_pad // 1024)
     return triton.Config(dict(BLOCK_B=bb, BLOCK_N=128, BLOCK_I=64, FULL_MERGE=False),
                          num_warps=warps, num_stages=4 if warps == 4 and bb > 16 else 3)
 
