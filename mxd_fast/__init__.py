@@ -7,7 +7,7 @@ from .ops.mxd_decode import mxd_decode
 from .ops.topk_gate import topk_gate
 from .transcoder import TopKTranscoder
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "BackendUnavailableError",
