@@ -14,7 +14,9 @@ The same GEMM kernel recomputes z @ decoder and writes grad_c (and grad_h, from 
 tile and the gathered c~) in its epilogue; when only grad_h is needed, an embedding bag scaled by
 grad_y computes it without the GEMM. Exact fp32 on a GPU (TF32 not allowed by torch) computes
 z @ decoder with cuBLAS and applies the gathered epilogue in a separate embedding-bag pass (see
-SPLIT_GEMM). fp64 runs the torch backend.
+SPLIT_GEMM). The kernels take float16, bfloat16 and float32 operands whose in-tile offsets fit 32 bits
+(forward_offsets_fit, backward_offsets_fit); the backend table (ops/_table.py of the package) runs
+other arguments on the torch backend.
 """
 from __future__ import annotations
 
@@ -26,12 +28,11 @@ import triton.language as tl
 from torch import Tensor
 
 from mxd_fast._utils import new_empty
-from mxd_fast.ops import mxd_decode as _torch_impl
 
 from ._device import LAUNCH_OPTIONS, autotune_enabled, capability, compiled, tf32_allowed
 from .gather_combine import embedding_bag, gathered_dot, scatter_rows
 
-__all__ = ["mxd_decode_forward", "mxd_decode_backward"]
+__all__ = ["mxd_decode_forward", "mxd_decode_backward", "forward_offsets_fit", "backward_offsets_fit"]
 
 
 @triton.jit
@@ -48,6 +49,40 @@ def _gather_slice(i_ptrs, v_ptrs, e_cols, j, mm, mn, K, N, s_ik, s_vk, s_en):
 
 
 @triton.jit
+def _grouped_tile(B, O, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of this program, in grouped order: GROUP_M row tiles share the decoder
+    column tiles while they sit in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(B, BLOCK_M)
+    num_n = tl.cdiv(O, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _gathered_mixture(i_ptrs, v_ptrs, e_cols, mm, mn, K, N, s_ik, s_vk, s_en,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr):
+    """The tile's slice of c~ = a C: K gathered row slices of `experts`, UNROLL of them issued before
+    they are summed."""
+    c = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for j0 in range(0, K, UNROLL):
+        for u in tl.static_range(UNROLL):
+            e, v = _gather_slice(i_ptrs, v_ptrs, e_cols, j0 + u, mm, mn, K, N, s_ik, s_vk, s_en)
+            c += v[:, None] * e.to(tl.float32)
+    return c
+
+
+@triton.jit
+def _tile_ptrs(ptr, row0_64, col0_64, lm, ln, s_row, s_col):
+    """Pointers of a [BLOCK_M, BLOCK_N] tile of a [B, O] tensor: 64-bit origin, 32-bit in-tile offsets."""
+    return ptr + row0_64 * s_row + col0_64 * s_col + (lm[:, None] * s_row + ln[None, :] * s_col)
+
+
+@triton.jit
 def _mxd_decode_kernel(z_ptr, dec_ptr, exp_ptr, val_ptr, idx_ptr, ct_ptr, bias_ptr, g_ptr, y_ptr, gh_ptr, gc_ptr,
                        B, H, O, N, K, B_BUCKET,
                        s_zb, s_zh, s_dh, s_do, s_en, s_eo, s_vb, s_vk, s_ib, s_ik, s_tb, s_to, s_bias,
@@ -57,16 +92,7 @@ def _mxd_decode_kernel(z_ptr, dec_ptr, exp_ptr, val_ptr, idx_ptr, ct_ptr, bias_p
                        DOT_FP32: tl.constexpr, UNROLL: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
                        GROUP_M: tl.constexpr):
-    # Grouped tile order: GROUP_M row tiles share the decoder column tiles while they sit in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(B, BLOCK_M)
-    num_n = tl.cdiv(O, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-    pid_n = (pid % (GROUP_M * num_n)) // size_m
-
+    pid_m, pid_n = _grouped_tile(B, O, BLOCK_M, BLOCK_N, GROUP_M)
     # 64-bit scalar tile origins; 32-bit offsets inside a tile (the host checks they fit).
     row0 = pid_m * BLOCK_M
     col0 = pid_n * BLOCK_N
@@ -78,7 +104,6 @@ def _mxd_decode_kernel(z_ptr, dec_ptr, exp_ptr, val_ptr, idx_ptr, ct_ptr, bias_p
     mask = mm[:, None] & mn[None, :]
     row0_64 = row0.to(tl.int64)
     col0_64 = col0.to(tl.int64)
-
     i_ptrs = idx_ptr + row0_64 * s_ib + lm * s_ib
     v_ptrs = val_ptr + row0_64 * s_vb + lm * s_vb
     e_cols = exp_ptr + col0_64 * s_eo + ln * s_eo
@@ -118,31 +143,23 @@ def _mxd_decode_kernel(z_ptr, dec_ptr, exp_ptr, val_ptr, idx_ptr, ct_ptr, bias_p
             e, v = _gather_slice(i_ptrs, v_ptrs, e_cols, j, mm, mn, K, N, s_ik, s_vk, s_en)
             c += v[:, None] * e.to(tl.float32)
     if C_SOURCE == 1:
-        # gathered here: K row slices of `experts`, UNROLL of them issued before they are summed
-        c = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for j0 in range(0, K, UNROLL):
-            for u in tl.static_range(UNROLL):
-                e, v = _gather_slice(i_ptrs, v_ptrs, e_cols, j0 + u, mm, mn, K, N, s_ik, s_vk, s_en)
-                c += v[:, None] * e.to(tl.float32)
-    elif C_SOURCE == 2:
-        # precomputed by an embedding bag
-        c = tl.load(ct_ptr + row0_64 * s_tb + col0_64 * s_to + (lm[:, None] * s_tb + ln[None, :] * s_to),
-                    mask=mask, other=0.0).to(tl.float32)
+        c = _gathered_mixture(i_ptrs, v_ptrs, e_cols, mm, mn, K, N, s_ik, s_vk, s_en, BLOCK_M, BLOCK_N, UNROLL)
+    elif C_SOURCE == 2:   # precomputed by an embedding bag
+        c = tl.load(_tile_ptrs(ct_ptr, row0_64, col0_64, lm, ln, s_tb, s_to), mask=mask, other=0.0).to(tl.float32)
     if WRITE_Y:
         y = acc * c
         if HAS_BIAS:
             y += tl.load(bias_ptr + col0_64 * s_bias + ln * s_bias, mask=mn, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + row0_64 * s_yb + col0_64 * s_yo + (lm[:, None] * s_yb + ln[None, :] * s_yo),
-                 y.to(y_ptr.dtype.element_ty), mask=mask)
+        y_ptrs = _tile_ptrs(y_ptr, row0_64, col0_64, lm, ln, s_yb, s_yo)
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
     if WRITE_GH or WRITE_GC:
-        g = tl.load(g_ptr + row0_64 * s_gb + col0_64 * s_go + (lm[:, None] * s_gb + ln[None, :] * s_go),
-                    mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(_tile_ptrs(g_ptr, row0_64, col0_64, lm, ln, s_gb, s_go), mask=mask, other=0.0).to(tl.float32)
         if WRITE_GH:
-            tl.store(gh_ptr + row0_64 * s_hb + col0_64 * s_ho + (lm[:, None] * s_hb + ln[None, :] * s_ho),
-                     (g * c).to(gh_ptr.dtype.element_ty), mask=mask)
+            gh_ptrs = _tile_ptrs(gh_ptr, row0_64, col0_64, lm, ln, s_hb, s_ho)
+            tl.store(gh_ptrs, (g * c).to(gh_ptr.dtype.element_ty), mask=mask)
         if WRITE_GC:
-            tl.store(gc_ptr + row0_64 * s_cb + col0_64 * s_co + (lm[:, None] * s_cb + ln[None, :] * s_co),
-                     (g * acc).to(gc_ptr.dtype.element_ty), mask=mask)
+            gc_ptrs = _tile_ptrs(gc_ptr, row0_64, col0_64, lm, ln, s_cb, s_co)
+            tl.store(gc_ptrs, (g * acc).to(gc_ptr.dtype.element_ty), mask=mask)
 
 
 def _config(bm, bn, bh, warps, stages, unroll):
@@ -162,10 +179,8 @@ _CUDA_CONFIGS = [
     _config(64, 64, 32, 4, 5, 2),
 ]
 
-# The interleaved gather keeps c~ and the next expert slice in registers during the GEMM loop: at 128 x 128
-# per 8 warps it spills, and so does 128 x 64 on 4 warps under Triton 3.6 (1.5 KB); 256 x 64 needs more
-# shared memory than sm_90 has. These compile for sm_90 under Triton 3.6 and 3.9 (64 x 64: 8 B spilled
-# under 3.6).
+# The interleaved gather keeps c~ and the next expert slice in registers during the GEMM loop: larger tiles
+# (128 x 128 on 8 warps, 128 x 64 on 4) spill, and 256 x 64 needs more shared memory than sm_90 has.
 _INTERLEAVED_CONFIGS = [
     _config(128, 64, 64, 8, 3, 1),
     _config(128, 64, 64, 8, 4, 1),
@@ -242,11 +257,46 @@ def _tiles_fit(z, decoder, experts, values, indices, *others) -> bool:
 
 def _fit_tiles(z, decoder, experts, values, indices, *others):
     """The inputs, made contiguous where a strided view would overflow the kernel's 32-bit in-tile
-    offsets; None when even contiguous tensors would (the caller falls back to the torch backend)."""
+    offsets; None when even contiguous tensors would."""
     if _tiles_fit(z, decoder, experts, values, indices, *others):
         return (z, decoder, experts, values, indices, *others)
     fixed = [t.contiguous() if t is not None else None for t in (z, decoder, experts, values, indices, *others)]
     return fixed if _tiles_fit(*fixed) else None
+
+
+def _fit_when_contiguous(*operands) -> bool:
+    """Whether _fit_tiles finds a layout for the operands; meta tensors stand in for the contiguous copies."""
+    if _tiles_fit(*operands):
+        return True
+    return _tiles_fit(*(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in operands))
+
+
+def _fused(z: Tensor, decoder: Tensor) -> bool:
+    """Whether a launch of this shape runs the fused kernel (its offsets limited), not the split path."""
+    return z.shape[0] > 0 and decoder.shape[1] > 0 and not _split_gemm(z)
+
+
+def forward_offsets_fit(z, decoder, experts, values, indices) -> bool:
+    """Whether mxd_decode_forward takes these operands: the fused kernel's in-tile offsets fit 32 bits
+    (operands whose strides overflow them are made contiguous), or the split path runs."""
+    return not _fused(z, decoder) or _fit_when_contiguous(z, decoder, experts, values, indices)
+
+
+def backward_offsets_fit(grad_y, z, decoder, experts, values, indices, need_c: bool) -> bool:
+    """Whether mxd_decode_backward takes these operands; need_c: an experts or values gradient is asked
+    for (only that part launches the fused kernel)."""
+    return not (need_c and _fused(z, decoder)) or _fit_when_contiguous(z, decoder, experts, values, indices, grad_y)
+
+
+def _refuse_float64(z: Tensor) -> None:
+    if z.dtype == torch.float64:
+        raise TypeError("the Triton mxd_decode kernels take float16, bfloat16 or float32 z, got float64")
+
+
+def _refuse_unfit(fitted) -> None:
+    if fitted is None:
+        raise ValueError("the Triton mxd_decode kernel keeps in-tile offsets in 32 bits, and these operands' "
+                         "exceed them even when contiguous (the torch backend takes them)")
 
 
 def _launch(z, decoder, experts, values, indices, *, c_source, c_tilde=None, bias=None, grad=None, y=None,
@@ -291,8 +341,7 @@ def _launch(z, decoder, experts, values, indices, *, c_source, c_tilde=None, bia
 
 def mxd_decode_forward(z: Tensor, decoder: Tensor, experts: Tensor, values: Tensor, indices: Tensor,
                        bias) -> Tensor:
-    if z.dtype == torch.float64:
-        return _torch_impl.mxd_decode_torch_forward(z, decoder, experts, values, indices, bias)
+    _refuse_float64(z)
     B = z.shape[0]
     O = decoder.shape[1]
     y = new_empty((B, O), z.dtype, z.device)
@@ -302,8 +351,7 @@ def mxd_decode_forward(z: Tensor, decoder: Tensor, experts: Tensor, values: Tens
         torch.matmul(z, decoder, out=y)
         return embedding_bag(experts, values, indices, scale=y, bias=bias, out=y)
     fitted = _fit_tiles(z, decoder, experts, values, indices)
-    if fitted is None:
-        return _torch_impl.mxd_decode_torch_forward(z, decoder, experts, values, indices, bias)
+    _refuse_unfit(fitted)
     z, decoder, experts, values, indices = fitted
     if bias is not None and (_TILE[1] - 1) * bias.stride(0) > _INT32_MAX:   # its in-tile offset too
         bias = bias.contiguous()
@@ -313,27 +361,11 @@ def mxd_decode_forward(z: Tensor, decoder: Tensor, experts: Tensor, values: Tens
     return y
 
 
-def mxd_decode_backward(grad_y: Tensor, z: Tensor, decoder: Tensor, experts: Tensor, values: Tensor,
-                        indices: Tensor, need_z: bool, need_decoder: bool, need_experts: bool, need_values: bool,
-                        need_bias: bool, deterministic: bool = True):
-    if z.dtype == torch.float64:
-        return _torch_impl.mxd_decode_torch_backward(grad_y, z, decoder, experts, values, indices, need_z,
-                                                     need_decoder, need_experts, need_values, need_bias,
-                                                     deterministic)
-    B, H = z.shape
-    O = decoder.shape[1]
-    N = experts.shape[0]
+def _backward_products(grad_y, z, decoder, experts, values, indices, need_h: bool, need_c: bool):
+    """grad_h = grad_y * c~ (need_h) and grad_c = grad_y * (z @ decoder) (need_c), [B, O] each."""
+    B, O = grad_y.shape
     dtype, device = z.dtype, z.device
-    need_h = need_z or need_decoder
-    need_c = need_experts or need_values
     grad_h = grad_c = None
-    if B > 0 and O > 0 and need_c and not _split_gemm(z):
-        fitted = _fit_tiles(z, decoder, experts, values, indices, grad_y)
-        if fitted is None:
-            return _torch_impl.mxd_decode_torch_backward(grad_y, z, decoder, experts, values, indices, need_z,
-                                                         need_decoder, need_experts, need_values, need_bias,
-                                                         deterministic)
-        z, decoder, experts, values, indices, grad_y = fitted
     if B > 0 and O > 0:
         source = epilogue_source()
         fuse_h = need_h and need_c and not _split_gemm(z) and source != "precomputed"
@@ -350,6 +382,22 @@ def mxd_decode_backward(grad_y: Tensor, z: Tensor, decoder: Tensor, experts: Ten
         grad_h = new_empty((B, O), dtype, device).zero_()
     if need_c and grad_c is None:
         grad_c = new_empty((B, O), dtype, device).zero_()
+    return grad_h, grad_c
+
+
+def mxd_decode_backward(grad_y: Tensor, z: Tensor, decoder: Tensor, experts: Tensor, values: Tensor,
+                        indices: Tensor, need_z: bool, need_decoder: bool, need_experts: bool, need_values: bool,
+                        need_bias: bool, deterministic: bool = True):
+    _refuse_float64(z)
+    B, H = z.shape
+    O = decoder.shape[1]
+    dtype, device = z.dtype, z.device
+    need_c = need_experts or need_values
+    if need_c and _fused(z, decoder):
+        fitted = _fit_tiles(z, decoder, experts, values, indices, grad_y)
+        _refuse_unfit(fitted)
+        z, decoder, experts, values, indices, grad_y = fitted
+    grad_h, grad_c = _backward_products(grad_y, z, decoder, experts, values, indices, need_z or need_decoder, need_c)
 
     dz = ddecoder = dexperts = dvalues = dbias = None
     if need_z:
@@ -359,7 +407,7 @@ def mxd_decode_backward(grad_y: Tensor, z: Tensor, decoder: Tensor, experts: Ten
     if need_values:
         dvalues = gathered_dot(experts, indices, grad_c)
     if need_experts:
-        dexperts = scatter_rows(indices, values, grad_c, N, deterministic)
+        dexperts = scatter_rows(indices, values, grad_c, experts.shape[0], deterministic)
     if need_bias:
         dbias = new_empty((O,), dtype, device)
         dbias.copy_(grad_y.sum(0, dtype=torch.float32))

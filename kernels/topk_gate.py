@@ -38,7 +38,8 @@ merges the SPLIT sorted lists of every row (max with the flipped list, then a bi
 Splitting N keeps the GPU busy when B is small; each chunk restarts its threshold, so the split is
 kept as small as the occupancy allows.
 
-fp64 inputs, k > MAX_K and N near 2**31 fall back to the torch backend's tiled implementation.
+The kernels take float16, bfloat16 and float32, k <= MAX_K and N <= MAX_N; the backend table
+(ops/_table.py of the package) runs other arguments on the torch backend.
 
 Backward
 --------
@@ -54,16 +55,17 @@ import torch
 import triton
 import triton.language as tl
 
-from mxd_fast._utils import new_empty
+from mxd_fast._utils import new_empty, relu_masked
 
 from ._device import (LAUNCH_OPTIONS, autotune_enabled, capability, compiled, multiprocessor_count,
                       shared_memory_limit, tf32_allowed)
+from .gather_combine import build_csr, embedding_bag, scatter_rows, scatter_sum
 
-# Largest k handled in registers; larger k uses the torch backend's tiled path.
+# Largest k the running top-k holds in registers.
 MAX_K = 256
 
 # Expert indices live in the low 32 bits of a key (and tile offsets in int32).
-_MAX_N = 2 ** 31 - 4096
+MAX_N = 2 ** 31 - 4096
 
 _KEY_MIN = tl.constexpr(-(1 << 63))
 _KEY_MAX = tl.constexpr((1 << 63) - 1)
@@ -247,14 +249,10 @@ def _prune(configs, named_args, **kwargs):
 
 
 def _default_config(k_pad: int, dtype: torch.dtype, cap: int) -> triton.Config:
-    """The configuration used without autotuning (MXD_FAST_AUTOTUNE=0); it fits in registers. On sm_90 Triton
-    uses the Hopper tensor-core instructions (wgmma) only from 64 rows per program: k = 128 takes 64 rows on 8
-    warps rather than 32 rows (mma.sync); fp32 there takes 64 experts per tile, as 128 spill with tf32x3 under
-    Triton 3.6 (no spills for either dtype under Triton 3.6, 3.8 and 3.9 on sm_90). Before sm_90 (mma.sync
-    throughout, more registers per tile) 64 rows spill at k = 64 and 128 and in fp32: those take 32 rows
-    (fp32: 64 experts per tile), and every tile takes 8 warps (16 at k = 256): on 4, Triton 3.8 spills 12 B
-    to 3.7 KB per thread at k = 32, 128 and 256, and 32 B on 8 at k = 256 (checked against ptxas for sm_80
-    under Triton 3.8 and 3.9)."""
+    """The configuration used without autotuning (MXD_FAST_AUTOTUNE=0), chosen to compile without register
+    spills (checked against ptxas for sm_80 and sm_90). On sm_90, 64 rows per program let Triton use wgmma;
+    before sm_90 (mma.sync, more registers per tile) k = 64 and 128 and fp32 take 32 rows, on 8 warps
+    (16 at k = 256)."""
     pre_hopper = cap < 90
     bb = 64 if k_pad <= 128 else 16
     if dtype == torch.float32:
@@ -264,7 +262,7 @@ def _default_config(k_pad: int, dtype: torch.dtype, cap: int) -> triton.Config:
         return triton.Config(dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_I=32, FULL_MERGE=False), num_warps=8, num_stages=3)
     if pre_hopper and k_pad in (64, 128):
         bb = 32
-    # sm_90: the running set's register bound in _fits; before sm_90 that bound is at most 4 warps
+    # sm_90: the running set's register bound of _fits
     warps = (16 if k_pad >= 256 else 8) if pre_hopper else max(4, bb * k_pad // 1024)
     return triton.Config(dict(BLOCK_B=bb, BLOCK_N=128, BLOCK_I=64, FULL_MERGE=False),
                          num_warps=warps, num_stages=4 if warps == 4 and bb > 16 else 3)
@@ -365,11 +363,12 @@ def _forward(x, weight, bias, k, split=None, config=None):
 
 def topk_gate_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], k: int):
     """(values [B, k] sorted descending, indices [B, k] int64) of relu(x @ weight.T + bias)."""
-    N = weight.shape[0]
-    if x.dtype == torch.float64 or k > MAX_K or N > _MAX_N:
-        from mxd_fast.ops.topk_gate import topk_gate_torch_forward
-
-        return topk_gate_torch_forward(x, weight, bias, k)
+    if x.dtype == torch.float64:
+        raise TypeError("the Triton topk_gate kernel takes float16, bfloat16 or float32 x, got float64")
+    if k > MAX_K:
+        raise ValueError(f"the Triton topk_gate kernel takes k <= {MAX_K}, got k = {k}")
+    if weight.shape[0] > MAX_N:
+        raise ValueError(f"the Triton topk_gate kernel takes at most {MAX_N} experts, got N = {weight.shape[0]}")
     return _forward(x, weight, bias, k)
 
 
@@ -377,10 +376,6 @@ def topk_gate_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 
 def topk_gate_backward(grad_values, x, weight, values, indices, need_x: bool, need_weight: bool,
                        need_bias: bool, deterministic: bool):
-    from mxd_fast.ops.topk_gate import relu_masked
-
-    from .gather_combine import build_csr, embedding_bag, scatter_rows, scatter_sum
-
     B, I = x.shape
     N = weight.shape[0]
     device = x.device

@@ -1,4 +1,5 @@
-"""Input validation and output allocation shared by the ops."""
+"""The foundation every layer may use: environment flags, output allocation, input validation and
+shape helpers of the ops, and the small pieces of arithmetic more than one backend shares."""
 from __future__ import annotations
 
 import contextlib
@@ -173,3 +174,22 @@ def autocasting(t) -> bool:
 def flatten_leading(t: torch.Tensor) -> torch.Tensor:
     """[..., D] -> [prod(...), D] (a view where possible)."""
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])  # not -1: the last dimension may be 0
+
+
+def as_output(t: torch.Tensor, shape) -> torch.Tensor:
+    """A backend's fresh contiguous output t ([B, ...] or any shape of as many elements) as a tensor of
+    `shape`, without a copy and without being an autograd view: an op's output must take in-place edits
+    under autograd, which refuses them on a view created inside a custom function. Nothing else refers
+    to t's memory, so the result owns it."""
+    if tuple(t.shape) != tuple(shape):
+        t = t.contiguous().view(shape)
+    return t.detach() if t._is_view() else t   # detach(): the same memory, no view relation for autograd
+
+
+# ---- arithmetic shared by the backends ---------------------------------------------------
+
+def relu_masked(grad_values: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The gradient of the selected gate logits: grad_values, zero where relu clipped the logit (values
+    <= 0; a NaN passes, as through torch.relu). Every backend's gate backward starts from it."""
+    return torch.where(values <= 0, torch.zeros((), dtype=grad_values.dtype, device=grad_values.device),
+                       grad_values)

@@ -1,7 +1,8 @@
-"""Backend selection for the mxd_fast ops.
+"""Backend settings of the mxd_fast ops, and whether each backend can run on a device.
 
 `with use_backend("triton"): ...` or the environment variable MXD_FAST_BACKEND picks the
-implementation behind every op: "auto" (default), "torch", "triton" or "cuda".
+implementation behind every op: "auto" (default), "torch", "triton" or "cuda". The backend table
+(mxd_fast/ops/_table.py) says which function each backend runs and dispatches by these settings.
 
 A block's setting holds in its own thread (the innermost of its active blocks) and, for threads that
 have none of their own, process-wide: there the most recently entered block still active in any thread
@@ -24,7 +25,7 @@ from ._utils import env_flag
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
 # Which backend "auto" prefers per op on CUDA tensors, fastest first; an entry that is not available
-# is skipped. Measured on an H200 (bf16, bench/results/2026-11-30-h200/): the CUDA kernels were the
+# is skipped (an op not listed runs on the torch backend). Measured on an H200 (bf16, bench/results/2026-11-30-h200/): the CUDA kernels were the
 # fastest in every forward row (topk_gate at the paper's shapes up to 8192 tokens and K = 32 or 128, but
 # one case where Triton led by 8%; gather_combine and mxd_decode always), then Triton, then the torch
 # backend.
@@ -159,8 +160,8 @@ def _triton_interprets() -> bool:
     return isinstance(sigmoid, InterpretedFunction)
 
 
-def _triton_status(device: torch.device, op: str | None) -> str | None:
-    """None when Triton kernels (of `op`, if given) can run on `device`, else the reason they cannot."""
+def _triton_status(device: torch.device) -> str | None:
+    """None when Triton kernels can run on `device`, else the reason they cannot."""
     if importlib.util.find_spec("triton") is None:
         return "the triton package is not installed"
     if device.type == "cpu":
@@ -175,8 +176,6 @@ def _triton_status(device: torch.device, op: str | None) -> str | None:
     elif (capability := torch.cuda.get_device_capability(device)) < TRITON_MIN_CAPABILITY:
         return (f"the Triton kernels need compute capability {TRITON_MIN_CAPABILITY[0]}.{TRITON_MIN_CAPABILITY[1]} "
                 f"or newer, {device} has {capability[0]}.{capability[1]}")
-    if op is not None and importlib.util.find_spec(f"mxd_fast.kernels.{op}") is None:
-        return f"there is no Triton kernel for {op}"
     return None
 
 
@@ -203,7 +202,7 @@ def archs_cover(arch_list: str, capability: tuple[int, int]) -> bool:
 TRITON_MIN_CAPABILITY = (8, 0)
 
 
-def _cuda_status(device: torch.device, op: str | None) -> str | None:
+def _cuda_status(device: torch.device) -> str | None:
     if device.type != "cuda":
         return f"the cuda backend needs CUDA tensors, got device {str(device)!r}"
     from . import _extension
@@ -215,38 +214,21 @@ def _cuda_status(device: torch.device, op: str | None) -> str | None:
     if archs is not None and not archs_cover(archs, capability):
         return (f"the CUDA extension was built for TORCH_CUDA_ARCH_LIST={archs!r}, which has no code for compute "
                 f"capability {capability[0]}.{capability[1]} of {device}; reinstall with that architecture in the list")
-    if op is not None and not hasattr(torch.ops.mxd_fast_cuda, f"{op}_forward"):
-        return f"the CUDA extension has no kernel for {op}"
     return None
 
 
-def unavailable_reason(name: str, device: torch.device, op: str | None = None) -> str | None:
-    """None when backend `name` can run (`op`, if given) on tensors of `device`, else why not."""
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    """None when backend `name` can run on tensors of `device`, else why not. Whether it implements a
+    given op is the backend table's to say (mxd_fast/ops/_table.py: unavailable_reason with an op)."""
     if name == "torch":
         return None
     if name == "triton":
-        return _triton_status(device, op)
+        return _triton_status(device)
     if name == "cuda":
-        return _cuda_status(device, op)
+        return _cuda_status(device)
     raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {name!r}")
 
 
 def available_backends(device: torch.device | str) -> list[str]:
     device = torch.device(device)
     return [b for b in BACKENDS[1:] if unavailable_reason(b, device) is None]
-
-
-def resolve(op: str, device: torch.device) -> str:
-    """The concrete backend that runs `op` on tensors of `device`."""
-    name = get_backend()
-    if name == "auto":
-        if device.type != "cuda":
-            return "torch"
-        for candidate in AUTO_PREFERENCE[op]:
-            if unavailable_reason(candidate, device, op) is None:
-                return candidate
-        return "torch"
-    reason = unavailable_reason(name, device, op)
-    if reason is not None:
-        raise BackendUnavailableError(f"mxd_fast backend {name!r} cannot run {op}: {reason}")
-    return name

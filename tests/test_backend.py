@@ -10,7 +10,11 @@ import torch
 
 import mxd_fast
 from mxd_fast import backend as B
-from mxd_fast.ops import gather_combine as gc_op, mxd_decode as md_op, topk_gate as tg_op
+from mxd_fast.ops import _table
+
+
+def _torch_function(op, direction):
+    return _table.TABLE[op]["torch"].function(direction)
 
 
 @pytest.fixture
@@ -18,12 +22,11 @@ def calls(monkeypatch):
     """Records (op, direction, backend, deterministic) of every kernel lookup; runs the torch kernels."""
     seen = []
 
-    def spy(op, direction, device, torch_impl):
+    def spy(op, direction, device, args=None):
         seen.append((op, direction, B.get_backend(), B.deterministic()))
-        return torch_impl
+        return _torch_function(op, direction)
 
-    for module in (gc_op, md_op, tg_op):
-        monkeypatch.setattr(module, "kernel", spy)
+    monkeypatch.setattr(_table, "implementation", spy)
     return seen
 
 
@@ -109,7 +112,7 @@ def test_backends_without_code_for_the_gpu_say_so(monkeypatch):
     assert B.unavailable_reason("cuda", gpu) is None and B.unavailable_reason("triton", gpu) is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
     assert "no code for compute capability 10.0" in B.unavailable_reason("cuda", gpu)
-    assert B.resolve("gather_combine", gpu) != "cuda"     # auto moves on to the next backend
+    assert _table.resolve("gather_combine", gpu) != "cuda"     # auto moves on to the next backend
 
 
 def test_torch_deterministic_algorithms_override_the_atomics_setting(calls):
@@ -181,13 +184,13 @@ def test_settings_of_a_backward_pass_stay_in_its_thread(monkeypatch):
     monkeypatch.delenv("MXD_FAST_BACKEND", raising=False)
     seen = []
 
-    def spy(op, direction, device, torch_impl):
+    def spy(op, direction, device, args=None):
         if direction == "backward":
             seen.append(B.get_backend())
             _in_thread(lambda: seen.append(B.get_backend()))
-        return torch_impl
+        return _torch_function(op, direction)
 
-    monkeypatch.setattr(gc_op, "kernel", spy)
+    monkeypatch.setattr(_table, "implementation", spy)
     w = torch.randn(9, 4, requires_grad=True)
     with mxd_fast.use_backend("triton"):
         y = mxd_fast.gather_combine(w, torch.randn(3, 2), torch.randint(0, 9, (3, 2)))

@@ -57,20 +57,44 @@ def _schemas() -> dict[str, list[str]]:
 
 
 def test_schemas_match_the_kernel_contract():
-    """Each op/direction is defined with the argument names of the torch backend's kernel, and
-    implemented for CUDA in the op's binding."""
-    from mxd_fast.ops import gather_combine, mxd_decode, topk_gate
+    """registration.cpp states the kernel contract once: every op/direction the backend table (ops/_table.py)
+    names for CUDA is defined there, with the argument names of the table's torch and Triton functions,
+    and implemented for CUDA in the op's binding."""
+    from mxd_fast.ops import _table
 
-    modules = {"topk_gate": topk_gate, "gather_combine": gather_combine, "mxd_decode": mxd_decode}
     schemas = _schemas()
     assert set(schemas) == {f"{op}_{d}" for op in OPS for d in ("forward", "backward")}
-    for op, module in modules.items():
+    triton_ok = importlib.util.find_spec("triton") is not None
+    for op in OPS:
         binding = (CSRC / f"{op}.cpp").read_text()
+        entries = _table.TABLE[op]
         for direction in ("forward", "backward"):
-            torch_impl = getattr(module, f"{op}_torch_{direction}")
-            expected = list(inspect.signature(torch_impl).parameters)
-            assert schemas[f"{op}_{direction}"] == expected, f"{op}_{direction}"
-            assert re.search(rf'm\.impl\("{op}_{direction}"', binding), f"{op}_{direction} has no CUDA impl"
+            name = getattr(entries["cuda"], direction).name
+            assert name in schemas, f"{op} {direction}: {name} is not defined in registration.cpp"
+            backends = ("torch", "triton") if triton_ok else ("torch",)
+            for backend in backends:
+                function = entries[backend].function(direction)
+                assert list(inspect.signature(function).parameters) == schemas[name], f"{backend} {name}"
+            assert re.search(rf'm\.impl\("{name}"', binding), f"{name} has no CUDA impl"
+
+
+def test_registered_schemas_are_the_source():
+    """Where the extension is built, the schemas the ops run with are the registered ones: read back from
+    torch.ops.mxd_fast_cuda, they are registration.cpp's."""
+    import torch
+
+    from mxd_fast import _extension
+    from mxd_fast.ops import _table
+
+    if not _extension.cuda_ops_loaded():
+        pytest.skip(f"the CUDA extension is not built: {_extension.cuda_load_error()}")
+    schemas = _schemas()
+    for op in OPS:
+        for direction in ("forward", "backward"):
+            cuda_op = _table.TABLE[op]["cuda"].function(direction)
+            registered = [a.name for a in cuda_op.default._schema.arguments]
+            assert registered == schemas[getattr(_table.TABLE[op]["cuda"], direction).name], (op, direction)
+            assert cuda_op is getattr(torch.ops.mxd_fast_cuda, f"{op}_{direction}")
 
 
 @needs_nvcc

@@ -32,7 +32,7 @@ def test_bitwise_identical_across_runs(backend, device):
 def test_torch_gathered_dot_independent_of_token_chunks(monkeypatch):
     """The torch backend's gathered dot products (dvalues): the CPU masked-GEMM form and the chunked
     gather used on other devices agree, and the chunk size changes no bit."""
-    from mxd_fast.ops import _sparse
+    from mxd_fast._torch import sparse as _sparse
 
     g = torch.Generator().manual_seed(2)
     table, dense = torch.randn(57, 9, generator=g), torch.randn(300, 9, generator=g)
@@ -47,7 +47,7 @@ def test_torch_gathered_dot_independent_of_token_chunks(monkeypatch):
 def test_torch_sorted_scatter_matches_the_csr_product(monkeypatch, budget):
     """The torch backend's row scatter off the CPU (sorted index_put_ or index_add_ in token chunks)
     computes what the CPU's CSR product does, in every dtype."""
-    from mxd_fast.ops import _sparse
+    from mxd_fast._torch import sparse as _sparse
 
     monkeypatch.setattr(_sparse, "_GATHER_BUDGET", budget)
     g = torch.Generator().manual_seed(3)

@@ -140,7 +140,7 @@ def test_unavailable_backend_says_why(monkeypatch):
 
 
 def test_auto_is_torch_on_cpu():
-    from mxd_fast.backend import resolve
+    from mxd_fast.ops._table import resolve
     with mxd_fast.use_backend("auto"):
         assert resolve("topk_gate", torch.device("cpu")) == "torch"
 

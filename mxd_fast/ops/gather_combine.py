@@ -1,7 +1,8 @@
 """gather_combine(weight, values, indices) -> y[..., O] = sum_j values[..., j] * weight[indices[..., j]].
 
 The sparse decoder of a TopK SAE or transcoder, and the (a C) term of MxD. Its weight gradient is a
-K-sparse row update: no [B, N] intermediate is formed.
+K-sparse row update: no [B, N] intermediate is formed. This module holds the op's checks, its
+registration and autograd; the backend table (_table.py) runs the backends.
 """
 from __future__ import annotations
 
@@ -9,10 +10,9 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from .._utils import (autocasting, check_float, check_index, check_tensor, flatten_leading,
+from .._utils import (as_output, autocasting, check_float, check_index, check_tensor, flatten_leading,
                       maybe_check_index_range, placeholder)
-from . import _autocast, _guards, _sparse, _vmap
-from ._dispatch import kernel
+from . import _autocast, _guards, _table, _vmap
 
 
 def validate_selection(weight, values, indices, weight_name: str = "weight", mixed_dtypes: bool = False) -> None:
@@ -42,29 +42,14 @@ def flat_selection(op: str, values: Tensor, indices: Tensor, n: int, weight_name
     return values.reshape(-1, k), indices.to(torch.int64)
 
 
-# ---- torch backend -----------------------------------------------------------------------
-
-def gather_combine_torch_forward(weight: Tensor, values: Tensor, indices: Tensor) -> Tensor:
-    values, indices, _ = _sparse.in_range(values, indices, weight.shape[0])
-    return _sparse.gather_combine(weight, values, indices)
-
-
-def gather_combine_torch_backward(grad_y, weight, values, indices, need_weight: bool, need_values: bool,
-                                  deterministic: bool):
-    values, indices, valid = _sparse.in_range(values, indices, weight.shape[0])
-    dweight = _sparse.scatter_rows(indices, values, grad_y, weight.shape[0], deterministic) if need_weight else None
-    dvalues = _sparse.gathered_dot(weight, indices, grad_y).where(valid, 0) if need_values else None
-    return dweight, dvalues
-
-
 # ---- custom ops --------------------------------------------------------------------------
 
 @torch.library.custom_op("mxd_fast::gather_combine", mutates_args=(), device_types=("cpu", "cuda"))
 def _gather_combine_op(weight: Tensor, values: Tensor, indices: Tensor) -> Tensor:
     validate_selection(weight, values, indices)
     v, i = flat_selection("gather_combine", values, indices, weight.shape[0], "weight")
-    forward = kernel("gather_combine", "forward", weight.device, gather_combine_torch_forward)
-    return forward(weight, v, i).reshape(*values.shape[:-1], weight.shape[1])
+    y = _table.run("gather_combine", "forward", weight.device, weight, v, i)
+    return as_output(y, (*values.shape[:-1], weight.shape[1]))
 
 
 @_gather_combine_op.register_fake
@@ -77,11 +62,10 @@ def _(weight, values, indices):
 def _gather_combine_backward_op(grad_y: Tensor, weight: Tensor, values: Tensor, indices: Tensor,
                                 need_weight: bool, need_values: bool) -> tuple[Tensor, Tensor]:
     v, i = flat_selection("gather_combine", values, indices, weight.shape[0], "weight")
-    backward = kernel("gather_combine", "backward", weight.device, gather_combine_torch_backward)
-    dweight, dvalues = backward(flatten_leading(grad_y), weight, v, i,
-                                need_weight, need_values, _backend.deterministic())
+    dweight, dvalues = _table.run("gather_combine", "backward", weight.device, flatten_leading(grad_y), weight, v, i,
+                                  need_weight, need_values, _backend.deterministic())
     return (dweight if need_weight else placeholder(weight),
-            dvalues.reshape(values.shape) if need_values else placeholder(weight))
+            as_output(dvalues, values.shape) if need_values else placeholder(weight))
 
 
 @_gather_combine_backward_op.register_fake

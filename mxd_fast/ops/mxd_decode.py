@@ -1,5 +1,6 @@
 """mxd_decode(z, decoder, experts, values, indices, bias) -> (z @ decoder) * gather_combine(experts,
-values, indices) + bias: the output of an MxD layer, y = (aC) * (zD) + b.
+values, indices) + bias: the output of an MxD layer, y = (aC) * (zD) + b. This module holds the op's
+checks, its registration and autograd; the backend table (_table.py) runs the backends.
 """
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from .._utils import autocasting, check_float, check_tensor, flatten_leading, placeholder
-from . import _autocast, _guards, _sparse, _vmap
-from ._dispatch import kernel
+from .._utils import as_output, autocasting, check_float, check_tensor, flatten_leading, placeholder
+from . import _autocast, _guards, _table, _vmap
 from .gather_combine import flat_selection, validate_selection
 
 
@@ -40,35 +40,6 @@ def _validate(z, decoder, experts, values, indices, bias, mixed_dtypes: bool = F
             raise ValueError(f"bias must have shape [{decoder.shape[1]}] (O), got {tuple(bias.shape)}")
 
 
-# ---- torch backend -----------------------------------------------------------------------
-
-def mxd_decode_torch_forward(z, decoder, experts, values, indices, bias):
-    values, indices, _ = _sparse.in_range(values, indices, experts.shape[0])
-    y = z @ decoder
-    y.mul_(_sparse.gather_combine(experts, values, indices))
-    if bias is not None:
-        y.add_(bias)
-    return y
-
-
-def mxd_decode_torch_backward(grad_y, z, decoder, experts, values, indices, need_z: bool, need_decoder: bool,
-                              need_experts: bool, need_values: bool, need_bias: bool, deterministic: bool):
-    dz = ddecoder = dexperts = dvalues = dbias = None
-    values, indices, valid = _sparse.in_range(values, indices, experts.shape[0])
-    if need_z or need_decoder:
-        grad_h = grad_y * _sparse.gather_combine(experts, values, indices)
-        dz = grad_h @ decoder.T if need_z else None
-        ddecoder = z.T @ grad_h if need_decoder else None
-        del grad_h
-    if need_experts or need_values:
-        grad_c = grad_y * (z @ decoder)  # recomputed: (z @ decoder) is never kept between the passes
-        dexperts = _sparse.scatter_rows(indices, values, grad_c, experts.shape[0], deterministic) if need_experts else None
-        dvalues = _sparse.gathered_dot(experts, indices, grad_c).where(valid, 0) if need_values else None
-    if need_bias:
-        dbias = grad_y.sum(0)
-    return dz, ddecoder, dexperts, dvalues, dbias
-
-
 # ---- custom ops --------------------------------------------------------------------------
 
 @torch.library.custom_op("mxd_fast::mxd_decode", mutates_args=(), device_types=("cpu", "cuda"))
@@ -76,9 +47,8 @@ def _mxd_decode_op(z: Tensor, decoder: Tensor, experts: Tensor, values: Tensor, 
                    bias: Optional[Tensor]) -> Tensor:
     _validate(z, decoder, experts, values, indices, bias)
     v, i = flat_selection("mxd_decode", values, indices, experts.shape[0], "experts")
-    forward = kernel("mxd_decode", "forward", z.device, mxd_decode_torch_forward)
-    y = forward(flatten_leading(z), decoder, experts, v, i, bias)
-    return y.reshape(*z.shape[:-1], decoder.shape[1])
+    y = _table.run("mxd_decode", "forward", z.device, flatten_leading(z), decoder, experts, v, i, bias)
+    return as_output(y, (*z.shape[:-1], decoder.shape[1]))
 
 
 @_mxd_decode_op.register_fake
@@ -92,14 +62,14 @@ def _mxd_decode_backward_op(grad_y: Tensor, z: Tensor, decoder: Tensor, experts:
                             indices: Tensor, need_z: bool, need_decoder: bool, need_experts: bool,
                             need_values: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     v, i = flat_selection("mxd_decode", values, indices, experts.shape[0], "experts")
-    backward = kernel("mxd_decode", "backward", z.device, mxd_decode_torch_backward)
-    grads = backward(flatten_leading(grad_y), flatten_leading(z), decoder, experts, v, i,
-                     need_z, need_decoder, need_experts, need_values, need_bias, _backend.deterministic())
+    grads = _table.run("mxd_decode", "backward", z.device, flatten_leading(grad_y), flatten_leading(z), decoder,
+                       experts, v, i, need_z, need_decoder, need_experts, need_values, need_bias,
+                       _backend.deterministic())
     dz, ddecoder, dexperts, dvalues, dbias = grads
-    return (dz.reshape(z.shape) if need_z else placeholder(z),
+    return (as_output(dz, z.shape) if need_z else placeholder(z),
             ddecoder if need_decoder else placeholder(z),
             dexperts if need_experts else placeholder(z),
-            dvalues.reshape(values.shape) if need_values else placeholder(z),
+            as_output(dvalues, values.shape) if need_values else placeholder(z),
             dbias if need_bias else placeholder(z))
 
 

@@ -1,8 +1,8 @@
 """topk_gate(x, weight, bias, k) -> (values, indices).
 
 values = the k largest entries of relu(x @ weight.T + bias), sorted descending; indices (int64) are
-the experts they belong to. Never forms the [B, N] logits of the whole batch: the torch backend
-streams over tiles of rows and experts and keeps a running top-k.
+the experts they belong to. No backend forms the [B, N] logits of the whole batch. This module holds
+the op's checks, its registration and autograd; the backend table (_table.py) runs the backends.
 """
 from __future__ import annotations
 
@@ -13,13 +13,8 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from .._utils import autocasting, check_float, check_k, check_tensor, flatten_leading, placeholder
-from . import _autocast, _guards, _sparse, _vmap
-from ._dispatch import kernel
-
-# Tile of the torch backend: logits of at most this many elements exist at once.
-_TILE_ELEMENTS = 1 << 22
-_TILE_EXPERTS = 4096
+from .._utils import as_output, autocasting, check_float, check_k, check_tensor, flatten_leading, placeholder
+from . import _autocast, _guards, _table, _vmap
 
 
 def _validate(x, weight, bias, k, mixed_dtypes: bool = False):
@@ -39,65 +34,14 @@ def _validate(x, weight, bias, k, mixed_dtypes: bool = False):
     check_k(k, weight.shape[0], "N")
 
 
-# ---- torch backend -----------------------------------------------------------------------
-
-def _merge(run_v, run_i, v, i, k):
-    if run_v is None:
-        return v, i
-    v = torch.cat((run_v, v), dim=1)
-    i = torch.cat((run_i, i), dim=1)
-    keep = min(k, v.shape[1])
-    v, pos = v.topk(keep, dim=1, sorted=False)
-    return v, i.gather(1, pos)
-
-
-def topk_gate_torch_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int):
-    B = x.shape[0]
-    N = weight.shape[0]
-    values = torch.empty(B, k, dtype=x.dtype, device=x.device)
-    indices = torch.empty(B, k, dtype=torch.int64, device=x.device)
-    tile_n = min(N, max(_TILE_EXPERTS, k))
-    tile_b = max(1, _TILE_ELEMENTS // tile_n)
-    for b0 in range(0, B, tile_b):
-        xb = x[b0:b0 + tile_b]
-        run_v = run_i = None
-        for n0 in range(0, N, tile_n):
-            w = weight[n0:n0 + tile_n]
-            logits = xb @ w.T if bias is None else torch.addmm(bias[n0:n0 + tile_n], xb, w.T)
-            logits.relu_()
-            v, i = logits.topk(min(k, logits.shape[1]), dim=1, sorted=False)
-            run_v, run_i = _merge(run_v, run_i, v, i.add_(n0), k)
-        v, order = run_v.sort(dim=1, descending=True)
-        values[b0:b0 + tile_b] = v
-        torch.gather(run_i, 1, order, out=indices[b0:b0 + tile_b])
-    return values, indices
-
-
-def relu_masked(grad_values: Tensor, values: Tensor) -> Tensor:
-    """The gradient of the selected logits: grad_values, zero where relu clipped the logit (values <= 0;
-    a NaN passes, as through torch.relu). Every backend's gate backward starts from it."""
-    return torch.where(values <= 0, torch.zeros((), dtype=grad_values.dtype, device=grad_values.device),
-                       grad_values)
-
-
-def topk_gate_torch_backward(grad_values, x, weight, values, indices, need_x: bool, need_weight: bool,
-                             need_bias: bool, deterministic: bool):
-    grad_logits = relu_masked(grad_values, values)
-    dx = _sparse.gather_combine(weight, grad_logits, indices) if need_x else None
-    dweight = _sparse.scatter_rows(indices, grad_logits, x, weight.shape[0], deterministic) if need_weight else None
-    dbias = _sparse.scatter_sum(indices, grad_logits, weight.shape[0], deterministic) if need_bias else None
-    return dx, dweight, dbias
-
-
 # ---- custom ops --------------------------------------------------------------------------
 
 @torch.library.custom_op("mxd_fast::topk_gate", mutates_args=(), device_types=("cpu", "cuda"))
 def _topk_gate_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int) -> tuple[Tensor, Tensor]:
     _validate(x, weight, bias, k)
-    lead = x.shape[:-1]
-    forward = kernel("topk_gate", "forward", x.device, topk_gate_torch_forward)
-    values, indices = forward(flatten_leading(x), weight, bias, k)
-    return values.reshape(*lead, k), indices.reshape(*lead, k)
+    values, indices = _table.run("topk_gate", "forward", x.device, flatten_leading(x), weight, bias, k)
+    shape = (*x.shape[:-1], k)
+    return as_output(values, shape), as_output(indices, shape)
 
 
 @_topk_gate_op.register_fake
@@ -111,11 +55,10 @@ def _(x, weight, bias, k):
 def _topk_gate_backward_op(grad_values: Tensor, x: Tensor, weight: Tensor, values: Tensor, indices: Tensor,
                            need_x: bool, need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     k = values.shape[-1]
-    backward = kernel("topk_gate", "backward", x.device, topk_gate_torch_backward)
-    dx, dweight, dbias = backward(grad_values.reshape(-1, k), flatten_leading(x), weight,
-                                  values.reshape(-1, k), indices.reshape(-1, k),
-                                  need_x, need_weight, need_bias, _backend.deterministic())
-    return (dx.reshape(x.shape) if need_x else placeholder(x),
+    dx, dweight, dbias = _table.run("topk_gate", "backward", x.device, grad_values.reshape(-1, k),
+                                    flatten_leading(x), weight, values.reshape(-1, k), indices.reshape(-1, k),
+                                    need_x, need_weight, need_bias, _backend.deterministic())
+    return (as_output(dx, x.shape) if need_x else placeholder(x),
             dweight if need_weight else placeholder(x),
             dbias if need_bias else placeholder(x))
 
@@ -133,7 +76,9 @@ def _setup_context(ctx, inputs, output):
     values, indices = output
     ctx.mark_non_differentiable(indices)
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, weight, values, indices)
+    # The backward reads values for the relu mask: a copy of its own, so that the caller may edit the
+    # output in place (indices are saved as they are: editing them in place is refused by autograd).
+    ctx.save_for_backward(x, weight, values.clone(), indices)
 
 
 def _backward(ctx, grad_values, grad_indices):

@@ -1,0 +1,20 @@
+"""Torch backend of gather_combine: an embedding bag forward; a K-sparse row scatter (dweight) and
+gathered dot products (dvalues) backward. Selections outside [0, N) contribute zero."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from . import sparse
+
+
+def gather_combine_torch_forward(weight: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+    values, indices, _ = sparse.in_range(values, indices, weight.shape[0])
+    return sparse.gather_combine(weight, values, indices)
+
+
+def gather_combine_torch_backward(grad_y, weight, values, indices, need_weight: bool, need_values: bool,
+                                  deterministic: bool):
+    values, indices, valid = sparse.in_range(values, indices, weight.shape[0])
+    dweight = sparse.scatter_rows(indices, values, grad_y, weight.shape[0], deterministic) if need_weight else None
+    dvalues = sparse.gathered_dot(weight, indices, grad_y).where(valid, 0) if need_values else None
+    return dweight, dvalues
