@@ -30,7 +30,7 @@ install: setup
 
 # Torch backend, module, compile, opcheck, trainer and CUDA build tests; then the Triton kernels
 # under the interpreter (on a GPU machine they run on the GPU instead); then every benchmark once, untimed.
-test: install setup-train
+test: install setup-train setup-integrations
 	$(PYTEST) -m "not triton" tests
 	TRITON_INTERPRET=$${TRITON_INTERPRET-$$($(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)")} \
 		$(PYTEST) -m triton tests
@@ -65,6 +65,15 @@ setup-train: $(VENV)/.setup-train-done
 $(VENV)/.setup-train-done: requirements-train.txt $(VENV)/.setup-done
 	$(PY) -m pip install -q -r requirements-train.txt
 	$(PY) -m pip install -q --no-deps $$(sed -n 's/^# no-deps: *//p' requirements-train.txt)
+	touch $@
+
+# The libraries of mxd_fast.integrations (SAELens, sparsify), for tests/test_integration_*.py; the
+# pinned trainer and test packages constrain their resolution.
+.PHONY: setup-integrations
+setup-integrations: $(VENV)/.setup-integrations-done
+
+$(VENV)/.setup-integrations-done: requirements-integrations.txt $(VENV)/.setup-train-done
+	$(PY) -m pip install -q -r requirements-integrations.txt -c requirements-train.txt -c requirements-dev.txt
 	touch $@
 
 # The trainer's default corpus, the Python documentation sources, is Debian's python3-doc: installed here

@@ -138,6 +138,9 @@ setup(
         "triton": ["triton"],
         "train": TRAIN_REQUIRES,
         "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy", "ninja"],
+        # mxd_fast.integrations: the versions requirements-integrations.txt pins as lower bounds
+        "saelens": ["sae-lens>=6.54", "transformer-lens>=3.9"],
+        "sparsify": ["eai-sparsify>=1.3"],
     },
     entry_points={"console_scripts": ["mxd-train = mxd_fast.train.cli:main"]},
     ext_modules=ext_modules,
