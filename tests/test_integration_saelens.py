@@ -277,6 +277,14 @@ def test_bad_hooks_and_layers_are_refused(model):
     adapter.check_sae_hooks(adapter.to_saelens(layer, HOOK_IN, HOOK_OUT), model)
 
 
+def test_layer_with_forward_hooks_is_refused():
+    layer = mxd()
+    with layer.encoder.register_forward_hook(lambda module, args, out: out * 2):
+        with pytest.raises(ValueError, match="forward hooks on encoder"):
+            adapter.to_saelens(layer, HOOK_IN, HOOK_OUT)
+    adapter.to_saelens(layer, HOOK_IN, HOOK_OUT)   # accepted once the hook is gone
+
+
 def test_config_and_folding_refusals():
     base = dict(d_in=8, d_sae=6, d_out=8, d_hidden=4, k=2)
     for bad, match in ((dict(k=7), "k must"), (dict(d_hidden=0), "d_hidden"), (dict(activation="tanh"), "activation"),

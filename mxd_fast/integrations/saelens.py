@@ -311,6 +311,11 @@ def to_saelens(layer: nn.Module, hook_name_in: str, hook_name_out: str, *, model
         build = _topk_to_sae
     else:
         raise TypeError(f"layer must be an mxd_fast.MxD or mxd_fast.TopKTranscoder, got {type(layer).__name__}")
+    hooked = [name or "the layer" for name, module in layer.named_modules()
+              if module._forward_hooks or module._forward_pre_hooks]
+    if hooked:
+        raise ValueError(f"layer has forward hooks on {', '.join(hooked)}, which the SAELens SAE would not run: "
+                         "remove them (and edit the SAE's features through its hook_sae_acts_post instead)")
     reference = next(layer.parameters())
     if model is not None:
         check_hooks(model, hook_name_in, hook_name_out, layer.d_in, layer.d_out)
