@@ -1,7 +1,9 @@
 """mxd_fast: fast, memory-lean kernels and ops for Mixture of Decoders (MxD) layers."""
 from . import reference
 from .backend import BackendUnavailableError, available_backends, get_backend, use_backend, use_deterministic
-from .module import MxD, mxd_experts_for_budget
+from .hooks import Coefficients, HookPoint, steer
+from .hub import load_pretrained
+from .module import MxD, TopKGate, mxd_experts_for_budget
 from .ops.gather_combine import gather_combine
 from .ops.mxd_decode import mxd_decode
 from .ops.topk_gate import topk_gate
@@ -11,14 +13,19 @@ from ._version import __version__
 
 __all__ = [
     "BackendUnavailableError",
+    "Coefficients",
+    "HookPoint",
     "MxD",
+    "TopKGate",
     "TopKTranscoder",
     "available_backends",
     "gather_combine",
     "get_backend",
+    "load_pretrained",
     "mxd_decode",
     "mxd_experts_for_budget",
     "reference",
+    "steer",
     "topk_gate",
     "use_backend",
     "use_deterministic",

@@ -4,12 +4,15 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._utils import check_tensor
+from .hooks import Coefficients, HookPoint, TracksHooks, coefficient_pair, hooked_call
+from .hub import HubMixin
 from .ops.mxd_decode import mxd_decode
 from .ops.topk_gate import topk_gate
 
@@ -87,28 +90,78 @@ def _input(x, d_in: int) -> Tensor:
     return x
 
 
-class MxD(nn.Module):
+def _k_for(n_name: str, n: int, k) -> int:
+    """k checked against the number of experts or latents n (named n_name)."""
+    k = _positive_int("k", k)
+    if k > n:
+        raise ValueError(f"k must satisfy 1 <= k <= {n_name} = {n}, got k = {k}")
+    return k
+
+
+@torch.no_grad()
+def _linear_init(weight: Tensor, bias: Optional[Tensor]) -> None:
+    """weight uniform in +-1/sqrt(fan_in) (nn.Linear's bound), bias zero."""
+    bound = 1.0 / math.sqrt(weight.shape[1])
+    weight.uniform_(-bound, bound)
+    if bias is not None:
+        bias.zero_()
+
+
+class TopKGate(TracksHooks):
+    """The top-k gate as a module: forward(x) = Coefficients(values, indices), the k largest entries of
+    relu(x weight^T + bias) and their indices (mxd_fast.topk_gate, fused: the [..., n] logits are never
+    stored). A forward hook on it sees, and may replace, those coefficients, also under torch.compile
+    when registered after compiling (see mxd_fast.hooks). Parameters weight [n, in_features], bias [n];
+    initialised as nn.Linear's weight (uniform in +-1/sqrt(in_features)) with a zero bias."""
+
+    def __init__(self, in_features: int, n: int, k: int, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.n = in_features, n
+        self.k = _k_for("n", n, k)
+        self.weight = nn.Parameter(torch.empty(n, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(n, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _linear_init(self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, n={self.n}, k={self.k}"
+
+    def forward(self, x: Tensor) -> Coefficients:
+        return Coefficients(*topk_gate(x, self.weight, self.bias, self.k))
+
+
+class MxD(HubMixin, nn.Module):
     """Mixture of Decoders: n_experts full-rank linear experts W_n = D diag(c_n), k active per token,
     never materialised.
 
     Parameters: encoder (E, b_e), glu (if glu), gate (G, b_g), experts (C: [n_experts, d_out]),
     decoder (D: [d_hidden, d_out]), bias (b: [d_out]), skip (if skip, no bias).
-    Initialised as in the paper: gate like nn.Linear with zero bias, expert rows uniform in [-1, 1]
-    scaled to unit norm, decoder, bias and skip zero (the layer starts at y = 0).
+    Initialised as in the paper: the weights of encoder, glu and gate uniform in +-1/sqrt(d_in)
+    (nn.Linear's bound); every bias (encoder, glu, gate, output) zero; each expert row c_n uniform in
+    [-1, 1], then scaled to unit L2 norm; decoder and skip zero (the layer starts at y = 0).
 
-    Hooks: encode() reads gate.weight and gate.bias directly (the fused top-k gate, topk_gate) and never
-    calls the `gate` module, so a forward hook on `layer.gate` does not fire. To see the gate's output,
-    call encode(x) (values and indices: the k selected experts' coefficients) or hook the layer itself.
+    Hook points (mxd_fast.HookPoint: a forward hook on one reads what passes and may replace it by
+    returning a new value): hook_z (the hidden z [..., d_hidden]), hook_experts (Coefficients(values,
+    indices) of the selected experts; a replacement may hold any number of columns) and hook_out (the
+    output y). The gate is a module (mxd_fast.TopKGate) whose forward is the fused top-k gate: a forward
+    hook on `gate` fires and sees, and may replace, Coefficients(values, indices) before hook_experts.
+    Forward hooks on `encoder` and `glu` (nn.Linear) see their pre-activations. encode() and decode()
+    pass through the same hooks as forward, so decode(x, *encode(x)) equals forward(x) with hooks too.
+    A hook point or gate without hooks costs one Python call (no hook dispatch), and torch.compile sees
+    hooks on them also when they are registered after compiling; register hooks on other submodules
+    before compiling.
+    mxd_fast.steer(layer, expert, scale) steers through hook_experts.
     """
 
     def __init__(self, d_in: int, d_hidden: int, d_out: int, n_experts: int, k: int, activation: str = "gelu",
                  glu: bool = False, skip: bool = False, device=None, dtype=None):
         super().__init__()
-        d_in, d_hidden, d_out, n_experts, k = (
+        d_in, d_hidden, d_out, n_experts = (
             _positive_int(name, value) for name, value in (("d_in", d_in), ("d_hidden", d_hidden), ("d_out", d_out),
-                                                           ("n_experts", n_experts), ("k", k)))
-        if k > n_experts:
-            raise ValueError(f"k must satisfy 1 <= k <= n_experts = {n_experts}, got k = {k}")
+                                                           ("n_experts", n_experts)))
+        k = _k_for("n_experts", n_experts, k)
         if not isinstance(activation, str) or activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         glu, skip = _flag("glu", glu), _flag("skip", skip)
@@ -122,25 +175,38 @@ class MxD(nn.Module):
         if skip:
             parameters["skip.weight"] = ("d_out", "d_in")
         shapes = _parameter_shapes("MxD", dims, parameters, factory["dtype"])
-        self.d_in, self.d_hidden, self.d_out, self.n_experts, self.k = d_in, d_hidden, d_out, n_experts, k
+        self.d_in, self.d_hidden, self.d_out, self.n_experts = d_in, d_hidden, d_out, n_experts
         self.activation = activation
         with _allocating("MxD", shapes, factory["dtype"], device):
             self.encoder = nn.Linear(d_in, d_hidden, **factory)
             self.glu = nn.Linear(d_in, d_hidden, **factory) if glu else None
-            self.gate = nn.Linear(d_in, n_experts, **factory)
+            self.gate = TopKGate(d_in, n_experts, k, **factory)
             self.experts = nn.Parameter(torch.empty(n_experts, d_out, **factory))
             self.decoder = nn.Parameter(torch.empty(d_hidden, d_out, **factory))
             self.bias = nn.Parameter(torch.empty(d_out, **factory))
             self.skip = nn.Linear(d_in, d_out, bias=False, **factory) if skip else None
             self.reset_parameters()
+        self.hook_z, self.hook_experts, self.hook_out = HookPoint(), HookPoint(), HookPoint()
+
+    @property
+    def k(self) -> int:
+        """Experts active per token (the gate's k)."""
+        return self.gate.k
+
+    @k.setter
+    def k(self, k: int) -> None:
+        self.gate.k = _k_for("n_experts", self.n_experts, k)
+
+    def constructor_arguments(self) -> dict:
+        """The arguments that rebuild this layer's architecture: type(self)(**layer.constructor_arguments())."""
+        return {"d_in": self.d_in, "d_hidden": self.d_hidden, "d_out": self.d_out, "n_experts": self.n_experts,
+                "k": self.k, "activation": self.activation, "glu": self.glu is not None, "skip": self.skip is not None}
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        self.encoder.reset_parameters()
-        if self.glu is not None:
-            self.glu.reset_parameters()
-        self.gate.reset_parameters()
-        self.gate.bias.zero_()
+        for linear in (self.encoder, self.glu, self.gate):
+            if linear is not None:
+                _linear_init(linear.weight, linear.bias)
         self.experts.uniform_(-1.0, 1.0)
         self.normalize_experts()
         self.decoder.zero_()
@@ -154,21 +220,23 @@ class MxD(nn.Module):
                 f"skip={self.skip is not None}")
 
     def hidden(self, x: Tensor) -> Tensor:
-        """z = phi(x E + b_e), times (x W_glu + b_glu) in the GLU variant."""
+        """z = phi(x E + b_e), times (x W_glu + b_glu) in the GLU variant (before hook_z)."""
         z = ACTIVATIONS[self.activation](self.encoder(x))
         return z if self.glu is None else z * self.glu(x)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(z, values, indices): the dense hidden state and the k selected experts' coefficients."""
+        """(z, values, indices): the dense hidden state and the k selected experts' coefficients, after
+        the hooks on gate, hook_experts and hook_z."""
         _input(x, self.d_in)
-        values, indices = topk_gate(x, self.gate.weight, self.gate.bias, self.k)
-        return self.hidden(x), values, indices
+        coefficients = hooked_call(self.hook_experts, hooked_call(self.gate, x))
+        values, indices = coefficient_pair("the hooks on gate and hook_experts", coefficients)
+        return hooked_call(self.hook_z, self.hidden(x)), values, indices
 
     def decode(self, x: Tensor, z: Tensor, values: Tensor, indices: Tensor) -> Tensor:
         """y from encode()'s outputs, possibly edited: values and indices may select any number of
-        experts (scale or clamp a coefficient, or add an expert top-k did not pick)."""
+        experts (scale or clamp a coefficient, or add an expert top-k did not pick); after hook_out."""
         y = mxd_decode(z, self.decoder, self.experts, values, indices, self.bias)
-        return y if self.skip is None else y + self.skip(x)
+        return hooked_call(self.hook_out, y if self.skip is None else y + self.skip(x))
 
     def forward(self, x: Tensor) -> Tensor:
         z, values, indices = self.encode(x)

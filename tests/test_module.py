@@ -14,19 +14,70 @@ def _layer(seed=0, **kw):
     with torch.no_grad():                       # leave the zero init so every path carries signal
         layer.decoder.normal_()
         layer.bias.normal_()
+        bound = layer.d_in ** -0.5
+        for linear in (layer.encoder, layer.glu, layer.gate):
+            if linear is not None:
+                linear.bias.uniform_(-bound, bound)
         if layer.skip is not None:
             layer.skip.weight.normal_()
     return layer
 
 
 def test_paper_initialisation():
-    layer = mxd_fast.MxD(16, 32, 8, 100, 4, skip=True)
-    torch.testing.assert_close(layer.experts.norm(dim=1), torch.ones(100))
+    """Weights of encoder, glu and gate uniform in +-1/sqrt(d_in); every bias zero; expert rows U(-1, 1)
+    scaled to unit norm; decoder and skip zero (so y = 0)."""
+    torch.manual_seed(0)
+    layer = mxd_fast.MxD(64, 32, 8, 1000, 4, glu=True, skip=True)
+    torch.testing.assert_close(layer.experts.norm(dim=1), torch.ones(1000))
     assert torch.equal(layer.decoder, torch.zeros(32, 8)) and torch.equal(layer.bias, torch.zeros(8))
-    assert torch.equal(layer.gate.bias, torch.zeros(100)) and torch.equal(layer.skip.weight, torch.zeros(8, 16))
+    assert torch.equal(layer.skip.weight, torch.zeros(8, 64))
+    bound = 1 / 64 ** 0.5
+    for name in ("encoder", "glu", "gate"):
+        linear = getattr(layer, name)
+        assert torch.equal(linear.bias, torch.zeros_like(linear.bias)), name
+        w = linear.weight
+        assert w.abs().max() <= bound and w.max() > 0.95 * bound and w.min() < -0.95 * bound, name
+        assert abs(w.var().item() / (bound ** 2 / 3) - 1) < 0.1, name        # the variance of U(-b, b)
+    assert torch.equal(layer(torch.randn(3, 64)), torch.zeros(3, 8))
+
+
+def test_reset_parameters_draws_exactly_the_paper_initialisation():
+    layer = mxd_fast.MxD(16, 32, 8, 100, 4, glu=True)
+    torch.manual_seed(3)
+    layer.reset_parameters()
+    torch.manual_seed(3)
     bound = 1 / 16 ** 0.5
-    assert layer.gate.weight.abs().max() <= bound
-    assert torch.equal(layer(torch.randn(3, 16)), torch.zeros(3, 8))
+    expected = {"encoder.weight": torch.empty(32, 16).uniform_(-bound, bound),
+                "glu.weight": torch.empty(32, 16).uniform_(-bound, bound),
+                "gate.weight": torch.empty(100, 16).uniform_(-bound, bound)}
+    experts = torch.empty(100, 8).uniform_(-1, 1)
+    expected["experts"] = experts / experts.norm(dim=1, keepdim=True)
+    for name, value in layer.state_dict().items():
+        torch.testing.assert_close(value, expected.get(name, torch.zeros_like(value)), msg=name, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_transcoder_initialisation(skip):
+    """Encoder weight uniform in +-1/sqrt(d_in), biases zero; decoder rows U(-1, 1) scaled to unit norm, or
+    decoder and skip zero for a skip-transcoder (as in the docstring)."""
+    tc = mxd_fast.TopKTranscoder(64, 500, 16, 8, skip=skip)
+    torch.manual_seed(1)
+    tc.reset_parameters()
+    torch.manual_seed(1)
+    bound = 1 / 64 ** 0.5
+    expected = {"encoder.weight": torch.empty(500, 64).uniform_(-bound, bound)}
+    if not skip:
+        decoder = torch.empty(500, 16).uniform_(-1, 1)
+        expected["decoder"] = decoder / decoder.norm(dim=1, keepdim=True)
+    for name, value in tc.state_dict().items():
+        torch.testing.assert_close(value, expected.get(name, torch.zeros_like(value)), msg=name, rtol=0, atol=0)
+    w = tc.encoder.weight
+    assert w.abs().max() <= bound and w.max() > 0.95 * bound and abs(w.var().item() / (bound ** 2 / 3) - 1) < 0.1
+    doc = " ".join(mxd_fast.TopKTranscoder.__doc__.split())
+    assert "without skip, each decoder row (a latent's direction) uniform in [-1, 1] then scaled to unit L2 norm" in doc
+    assert "with skip, decoder and skip zero" in doc
+    if skip:
+        assert torch.equal(tc(torch.randn(3, 64)), torch.zeros(3, 16))
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", "sigmoid"])
@@ -83,8 +134,11 @@ def test_normalize_and_remove_parallel_gradient():
 def test_transcoder_matches_dense_form():
     torch.manual_seed(1)
     tc = mxd_fast.TopKTranscoder(12, 50, 9, 4, skip=True).double()
-    with torch.no_grad():
+    with torch.no_grad():                       # leave the zero init so every path carries signal
         tc.skip.weight.normal_()
+        tc.decoder.normal_()
+        tc.bias.normal_()
+        tc.encoder.bias.uniform_(-0.3, 0.3)
     x = torch.randn(5, 12, dtype=torch.float64)
     values, indices = reference.topk_gate(x, tc.encoder.weight, tc.encoder.bias, 4)
     expected = reference.gather_combine(tc.decoder, values, indices) + tc.bias + x @ tc.skip.weight.T
@@ -193,12 +247,11 @@ def test_vmap_rules_of_every_op():
 def test_jacobian_with_respect_to_the_input_calls_each_backward_op_once(monkeypatch):
     """jacrev(layer)(x) vmaps the backward ops over the output's cotangents; with no weight gradient asked
     for, each is folded into one call (a loop would call it once per output element)."""
-    from mxd_fast.ops import gather_combine as gc_mod, mxd_decode as md_mod, topk_gate as tg_mod
+    from mxd_fast.ops import _table
     calls = []
-    for module in (gc_mod, md_mod, tg_mod):
-        real = module.kernel
-        monkeypatch.setattr(module, "kernel", lambda op, direction, *a, _real=real: (calls.append((op, direction)),
-                                                                                    _real(op, direction, *a))[1])
+    real = _table.implementation
+    monkeypatch.setattr(_table, "implementation", lambda op, direction, *a, **kw: (calls.append((op, direction)),
+                                                                                  real(op, direction, *a, **kw))[1])
     layer = _layer()
     x = torch.randn(3, 12, dtype=torch.float64)
     jacobian = torch.func.jacrev(layer)(x)
@@ -367,24 +420,27 @@ def test_other_errors_during_construction_pass_unchanged(monkeypatch):
         mxd_fast.MxD(12, 10, 9, 40, 5)
 
 
-def test_a_hook_on_the_gate_does_not_fire_encode_shows_its_output():
-    # encode() reads gate.weight and gate.bias (the fused top-k gate): as the class docstring says
+def test_a_hook_on_the_gate_fires_and_sees_the_coefficients():
+    # the gate is a module whose forward is the fused top-k gate: as the class docstring says
     layer = _layer()
     x = torch.randn(3, 12, dtype=torch.float64)
     seen = []
-    handles = [layer.gate.register_forward_hook(lambda *a: seen.append("gate")),
-               layer.register_forward_hook(lambda *a: seen.append("layer"))]
+    handles = [layer.gate.register_forward_hook(lambda m, a, out: seen.append(("gate", out))),
+               layer.register_forward_hook(lambda *a: seen.append(("layer", None)))]
     try:
         layer(x)
     finally:
         for h in handles:
             h.remove()
-    assert seen == ["layer"]
-    _, values, indices = layer.encode(x)
-    expected = torch.relu(layer.gate(x)).topk(5, dim=-1)
+    assert [name for name, _ in seen] == ["gate", "layer"]
+    values, indices = seen[0][1]
+    assert isinstance(seen[0][1], mxd_fast.Coefficients) and seen[0][1].indices is indices
+    _, enc_values, enc_indices = layer.encode(x)
+    assert torch.equal(values, enc_values) and torch.equal(indices, enc_indices)
+    expected = torch.relu(x @ layer.gate.weight.T + layer.gate.bias).topk(5, dim=-1)
     torch.testing.assert_close(values.sort(-1).values, expected.values.sort(-1).values)
     doc = " ".join(mxd_fast.MxD.__doc__.split())
-    assert "a forward hook on `layer.gate` does not fire" in doc and "encode(x)" in doc
+    assert "a forward hook on `gate` fires and sees, and may replace, Coefficients(values, indices)" in doc
 
 
 @pytest.mark.parametrize("backward_inside", [False, True])
