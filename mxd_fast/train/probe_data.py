@@ -43,6 +43,7 @@ from typing import Callable, Iterable, Optional, Sequence
 CHUNK_CHARS = 400
 TEST_FRACTION = 0.25
 
+PYTHON_STDLIB = Path(os.__file__).parent
 MAN_ROOT = Path("/usr/share/man")
 MAN_LANGUAGES = {"en": "manpages", "de": "manpages-de", "es": "manpages-es", "fr": "manpages-fr",
                  "it": "manpages-it", "nl": "manpages-nl", "pl": "manpages-pl"}
@@ -186,7 +187,7 @@ def man_pages(lang: str) -> list:
 
 
 def python_sources() -> list:
-    root = Path(os.__file__).parent
+    root = PYTHON_STDLIB
     return _unique_sorted(f for f in root.rglob("*.py")
                           if not {"site-packages", "dist-packages"} & set(f.relative_to(root).parts))
 
@@ -294,9 +295,8 @@ def lang_sources() -> list:
 
 
 def code_sources() -> list:
-    python_root = Path(os.__file__).parent
     return [
-        ClassSource("python", "libpython3-stdlib", f"{python_root}/**/*.py", python_sources, read_code),
+        ClassSource("python", "libpython3-stdlib", f"{PYTHON_STDLIB}/**/*.py", python_sources, read_code),
         ClassSource("c", "libc6-dev", " ".join(str(INCLUDE_ROOT / g) for g in C_HEADER_GLOBS), c_headers,
                     read_code),
         ClassSource("cpp", "libstdc++-12-dev", f"{INCLUDE_ROOT}/c++/*/", cpp_headers, read_code),
@@ -315,7 +315,7 @@ def topic_sources() -> list:
 DATASETS = {"lang": lang_sources, "code": code_sources, "topic": topic_sources}
 
 
-def _checked_sizes(texts_per_class, test_fraction, chunk_chars) -> int:
+def check_sizes(texts_per_class, test_fraction, chunk_chars) -> int:
     """The number of test texts per class; ValueError naming a bad argument."""
     for name, value in (("texts_per_class", texts_per_class), ("chunk_chars", chunk_chars)):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -338,7 +338,7 @@ def build_dataset(name: str, texts_per_class: int, seed: int = 0, test_fraction:
     round(test_fraction * texts_per_class) of each class's seeded order held out for testing."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}: choose from {', '.join(DATASETS)}")
-    n_test = _checked_sizes(texts_per_class, test_fraction, chunk_chars)
+    n_test = check_sizes(texts_per_class, test_fraction, chunk_chars)
     texts, labels, is_test, where = [], [], [], {}
     sources = DATASETS[name]()
     for label, source in enumerate(sources):
