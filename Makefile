@@ -81,11 +81,16 @@ $(VENV)/.setup-integrations-done: requirements-integrations.txt $(VENV)/.setup-t
 # falls back to the standard library's docstrings. Nothing to do when TRAIN_ARGS passes --text.
 setup-corpus:
 	@if [ -z "$(DOC_SOURCES)" ] && [ -z "$(filter --text,$(TRAIN_ARGS))" ]; then \
-		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		fallback="the trainer falls back to the standard library's docstrings (or pass TRAIN_ARGS=\"--text FILES\")"; \
+		if ! command -v apt-get >/dev/null; then \
+			echo "python3-doc (the Python documentation sources, the trainer's default corpus) is a Debian package and this system has no apt-get: $$fallback"; \
+		elif [ "$$(id -u)" != 0 ]; then \
+			echo "python3-doc (the Python documentation sources, the trainer's default corpus) is not installed and installing it needs root: sudo make setup-corpus (or sudo apt-get install python3-doc); until then $$fallback"; \
+		else \
 			echo "installing Debian's python3-doc with apt-get (running as root): the Python documentation sources are the trainer's default corpus"; \
 			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-doc >/dev/null) \
-				|| echo "could not install python3-doc: the trainer falls back to the standard library's docstrings"; \
-		else echo "python3-doc (the Python documentation sources, the trainer's default corpus) is not installed and installing it needs root: sudo make setup-corpus (or sudo apt-get install python3-doc); until then the trainer falls back to the standard library's docstrings"; fi; \
+				|| echo "could not install python3-doc: $$fallback"; \
+		fi; \
 	fi
 
 # The trainer runs with its stderr copied to TRAIN_LOG (bash, for pipefail: make fails with the trainer's
