@@ -22,6 +22,8 @@ tokenizers = pytest.importorskip("tokenizers")
 from mxd_fast import MxD, TopKTranscoder, mxd_experts_for_budget  # noqa: E402
 from mxd_fast import harvest as H  # noqa: E402
 from mxd_fast import train as T  # noqa: E402
+from mxd_fast.train import checkpoint, cli, layer_io, stats  # noqa: E402
+from mxd_fast.train import data as D  # noqa: E402
 from mxd_fast.evaluate import SplicedMLP, ZeroMLP, cross_entropy, evaluate, splice_layer, spliced  # noqa: E402
 
 WORDS = ("the a model layer expert token sparse dense matrix vector gate decoder encoder python function "
@@ -515,7 +517,7 @@ def test_bad_text_exits_naming_the_option_before_loading(tiny, tmp_path, monkeyp
         path.write_bytes(content)
     elif content is not None:
         path.write_text(content)
-    monkeypatch.setattr(H, "load_model", lambda *a, **k: pytest.fail("the model loaded before the text was read"))
+    monkeypatch.setattr(D, "load_model", lambda *a, **k: pytest.fail("the model loaded before the text was read"))
     with pytest.raises(SystemExit, match=f"{option}: .*{re.escape(message)}"):
         T.main(_args(tiny, tmp_path / "bad", option, str(path)))
 
@@ -523,7 +525,7 @@ def test_bad_text_exits_naming_the_option_before_loading(tiny, tmp_path, monkeyp
 def test_model_without_mxd_activation_or_mlp_module_exits_naming_the_option(tiny, tmp_path, monkeypatch):
     model = copy.deepcopy(tiny["model"])
     model.config.hidden_act = "relu2"   # transformers has it; MxD has no such activation
-    monkeypatch.setattr(H, "load_model", lambda *a, **k: (model, tiny["tokenizer"]))
+    monkeypatch.setattr(D, "load_model", lambda *a, **k: (model, tiny["tokenizer"]))
     with pytest.raises(SystemExit, match="--activation: the model's MLP activation 'relu2' has no MxD form"):
         T.main(_args(tiny, tmp_path / "a"))
     for extra in (["--activation", "relu"], ["--arch", "transcoder"]):   # the layer needs none of the model's
@@ -583,7 +585,7 @@ def test_evaluation_reads_each_held_out_token_once(tiny, tmp_path, capsys):
 
 
 def test_summary_signs_the_ce_increase():
-    text = T._summary({"ce_clean": 3.0, "ce_spliced": 2.9995, "delta_ce": -0.0005, "ce_zero_ablation": 3.2,
+    text = stats.summary({"ce_clean": 3.0, "ce_spliced": 2.9995, "delta_ce": -0.0005, "ce_zero_ablation": 3.2,
                        "delta_ce_zero_ablation": 0.2}, Path("run"))
     assert "(-0.0005)" in text and "(+0.2000)" in text
 
@@ -642,7 +644,7 @@ def test_resume_refuses_other_options_and_may_train_longer(tiny, tmp_path, monke
         T.main(_args(tiny, out, *args, "--resume", "--tokens", "1200"))
     # a resumed run that trained to its end but never wrote its metrics (saving failed) may be resumed again
     with monkeypatch.context() as m:
-        m.setattr(T, "save_layer", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+        m.setattr(layer_io, "save_layer", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
         with pytest.raises(OSError, match="disk full"):
             T.main(_args(tiny, out, *args, "--resume", "--tokens", "1440"))
     assert json.loads((out / "metrics.json").read_text())["tokens"] == 1200
@@ -678,9 +680,9 @@ def test_a_run_folder_is_not_overwritten_unless_asked(tiny, tmp_path, monkeypatc
 def test_run_files_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
-        T._atomic(tmp_path / "a.txt", lambda p: Path(p).write_text("x"))
+        checkpoint.atomic_write(tmp_path / "a.txt", lambda p: Path(p).write_text("x"))
         os.umask(0o027)
-        T._atomic(tmp_path / "b.txt", lambda p: Path(p).write_text("x"))
+        checkpoint.atomic_write(tmp_path / "b.txt", lambda p: Path(p).write_text("x"))
         os.umask(0o022)
         T.save_layer(T.build_layer("transcoder", 6, 6, 2, 8), tmp_path / "run")   # safetensors makes its file anew
     finally:
@@ -744,7 +746,7 @@ def test_dense_reference_forward_matches_fast_path():
 
 def test_embedded_defaults_train_far_more_tokens_on_a_gpu(monkeypatch):
     """`make train` (no --model) keeps CPU-sized defaults on a CPU and trains far more tokens on CUDA."""
-    parse = lambda *argv: T._resolve(T.build_parser().parse_args(list(argv)))  # noqa: E731
+    parse = lambda *argv: cli.resolve_options(T.build_parser().parse_args(list(argv)))  # noqa: E731
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert parse().tokens == T.EMBEDDED_DEFAULTS["tokens"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
