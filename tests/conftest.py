@@ -1,13 +1,18 @@
 """Shared fixtures: each op test runs once per backend (torch; triton, marked `triton`; cuda, marked
-`cuda`), on the backend's device, with kernel outputs poisoned (NaN) before the kernels run."""
+`cuda`), on the backend's device, with kernel outputs poisoned (NaN) before the kernels run.
+
+BACKEND_PARAMS is the one list of backends: the spec-driven tests (test_ops.py) and the `backend`
+fixture take theirs from it."""
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 
 import mxd_fast
 from mxd_fast._utils import poison_outputs
-from mxd_fast.backend import unavailable_reason
+from mxd_fast.ops._table import unavailable_reason
 
 BACKEND_PARAMS = [
     pytest.param("torch", id="torch"),
@@ -22,19 +27,26 @@ def backend_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+@contextlib.contextmanager
+def running_on(name: str, op: str | None = None):
+    """The device backend `name` runs on here, with use_backend(name) and poison_outputs() in force;
+    the test is skipped where the backend cannot run (op, if given)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    device = backend_device(name)
+    reason = unavailable_reason(name, device, op)
+    if reason is not None:
+        pytest.skip(reason)
+    with mxd_fast.use_backend(name), poison_outputs():
+        yield device
+
+
 @pytest.fixture(params=BACKEND_PARAMS)
 def backend(request):
     """The backend name; the ops run under use_backend(name) and poison_outputs(). Skipped where the
     backend cannot run the module's OP."""
-    name = request.param
-    if name == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    op = getattr(request.module, "OP", None)    # the op a test module covers, if one
-    reason = unavailable_reason(name, backend_device(name), op)
-    if reason is not None:
-        pytest.skip(reason)
-    with mxd_fast.use_backend(name), poison_outputs():
-        yield name
+    with running_on(request.param, getattr(request.module, "OP", None)):
+        yield request.param
 
 
 @pytest.fixture
@@ -51,9 +63,5 @@ def tolerance(dtype: torch.dtype) -> dict:
 def triton_device():
     """The device the Triton kernels run on here (the GPU, else the CPU under TRITON_INTERPRET=1),
     with use_backend("triton") and poison_outputs() in force; skipped where Triton cannot run."""
-    device = backend_device("triton")
-    reason = unavailable_reason("triton", device)
-    if reason is not None:
-        pytest.skip(reason)
-    with mxd_fast.use_backend("triton"), poison_outputs():
+    with running_on("triton") as device:
         yield device
