@@ -22,7 +22,9 @@ Providers
 
 FLOPs (2 per multiply-add; elementwise work, selection, the loss and the optimiser not counted) are
 the FLOPs of the provider's own algorithm: the dense providers are charged the dense products they
-actually run (T*N*d), the sparse ones the K-sparse products (T*K*d). With T tokens:
+actually run (T*N*d), the sparse ones the K-sparse products (T*K*d). The ops' FLOPs, compulsory bytes
+and inputs are their specs' (mxd_fast.specs.<op>: flops, bytes, bench_inputs); their baselines are
+BASELINES below. With T tokens:
   topk_gate      fwd: 2TNd (gate GEMM, every provider)
                  bwd: dense 4TNd (dx, dW from the dense [T, N] gradient); sparse 4TKd
   gather_combine fwd: dense 2TNd, sparse 2TKd; bwd (dW, dvalues): dense 4TNd, sparse 4TKd
@@ -55,29 +57,50 @@ from torch import nn
 
 import mxd_fast
 from mxd_fast import reference
+from mxd_fast.specs import SPECS, OpSpec, random_selection
 
 from .shapes import MLP_FACTOR, Shape
 
-OPS = ("topk_gate", "gather_combine", "mxd_decode", "train")
+TRAIN = "train"
+OPS = (*SPECS, TRAIN)
 OP_MODES = ("fwd", "fwd+bwd")
 TRAIN_MODE = "step"
 BACKENDS = ("torch", "triton", "cuda")
-DENSE_PROVIDERS = ("reference", "gemm+topk", "mlp")
-PARTIAL_PROVIDERS = ("gemm",)   # time a part of the op (a floor to compare with), not the op itself
+
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    """A provider of an op case besides the reference and the backends: a baseline to compare with."""
+    forward: Callable[[dict], Any]          # the differentiable output, from the case's named inputs
+    dense: bool                             # charged the dense FLOPs and workspace of the op
+    partial: bool = False                   # times a part of the op only (no speedup vs the reference)
+    differentiates: tuple[str, ...] | None = None           # its gradients (None: the op's differentiable inputs)
+    flops: Callable[[Shape], tuple[float, float]] | None = None   # (forward, backward); None: the op's
+
+
+BASELINES: dict[str, dict[str, Baseline]] = {
+    "topk_gate": {
+        "gemm+topk": Baseline(lambda i: torch.addmm(i["bias"], i["x"], i["weight"].t()).relu_().topk(i["k"], dim=1).values,
+                              dense=True),
+    },
+    "mxd_decode": {
+        "gemm": Baseline(lambda i: i["z"] @ i["decoder"], dense=False, partial=True, differentiates=("z", "decoder"),
+                         flops=lambda s: (2 * s.T * s.H * s.d, 4 * s.T * s.H * s.d)),
+    },
+}
+TRAIN_PROVIDERS = ("reference", *BACKENDS, "transcoder", "mlp")
+DENSE_PROVIDERS = ("reference", *(n for b in BASELINES.values() for n, x in b.items() if x.dense), "mlp")
+PARTIAL_PROVIDERS = tuple(n for b in BASELINES.values() for n, x in b.items() if x.partial)
 
 
 def modes_for(op: str) -> tuple[str, ...]:
-    return ("fwd+bwd", TRAIN_MODE) if op == "train" else OP_MODES
+    return ("fwd+bwd", TRAIN_MODE) if op == TRAIN else OP_MODES
 
 
 def all_providers(op: str) -> tuple[str, ...]:
-    if op == "topk_gate":
-        return ("reference", "gemm+topk", *BACKENDS)
-    if op == "mxd_decode":
-        return ("reference", "gemm", *BACKENDS)
-    if op == "train":
-        return ("reference", *BACKENDS, "transcoder", "mlp")
-    return ("reference", *BACKENDS)
+    if op == TRAIN:
+        return TRAIN_PROVIDERS
+    return ("reference", *BASELINES.get(op, {}), *BACKENDS)
 
 
 def provider_unavailable(provider: str, device: torch.device) -> str | None:
@@ -131,17 +154,6 @@ def _randn(shape, dtype, device, gen, scale=1.0) -> torch.Tensor:
     return (torch.randn(shape, device=device, generator=gen) * scale).to(dtype)
 
 
-def random_selection(T: int, N: int, K: int, dtype, device, gen) -> tuple[torch.Tensor, torch.Tensor]:
-    """K distinct experts per token, uniform over [0, N), and positive values sorted descending."""
-    idx = torch.randint(0, N - K + 1, (T, K), device=device, generator=gen).sort(dim=1).values
-    idx += torch.arange(K, device=device)
-    # shuffle within the row so the expert order is not sorted
-    perm = torch.rand(T, K, device=device, generator=gen).argsort(dim=1)
-    idx = idx.gather(1, perm)
-    values = torch.rand(T, K, device=device, generator=gen).add_(0.05).sort(dim=1, descending=True).values
-    return values.to(dtype), idx
-
-
 def _ctx(provider: str):
     if provider in BACKENDS:
         return mxd_fast.use_backend(provider)
@@ -152,155 +164,60 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-# ---- op cases ---------------------------------------------------------------------------------
+# ---- op cases: inputs, FLOPs and bytes from the op's spec (mxd_fast.specs) --------------------------
 
-def _op_flops(op: str, mode: str, dense: bool, s: Shape, provider: str = "") -> float:
-    T, d, H, N, K = s.T, s.d, s.H, s.N, s.K
-    width = N if dense else K
-    if provider == "gemm":
-        fwd, bwd = 2 * T * H * d, 4 * T * H * d
-    elif op == "topk_gate":
-        fwd, bwd = 2 * T * N * d, 4 * T * width * d
-    elif op == "gather_combine":
-        fwd, bwd = 2 * T * width * d, 4 * T * width * d
-    elif op == "mxd_decode":
-        fwd, bwd = 2 * T * H * d + 2 * T * width * d + 2 * T * d, 4 * T * H * d + 4 * T * width * d + 2 * T * d
-    else:
-        raise ValueError(op)
-    return float(fwd + (bwd if mode == "fwd+bwd" else 0))
+def _make_op_inputs(spec: OpSpec, backward: bool, s: Shape, dtype, device, seed: int) -> dict:
+    inputs = spec.bench_inputs(s, dtype, device, _gen(device, seed), backward)
+    if backward:
+        for name in spec.differentiable:
+            inputs[name].requires_grad_(True)
+    inputs["_diff"] = spec.differentiable
+    return inputs
 
 
-def _op_bytes(op: str, mode: str, s: Shape, es: int) -> float:
-    T, d, H, N, K = s.T, s.d, s.H, s.N, s.K
-    sel = T * K * (es + 8)            # values + int64 indices
-    gathered = T * K * d * es
-    if op == "topk_gate":
-        fwd = es * (T * d + N * d + N) + sel
-        # read grad_values, values, indices, x; gathered rows of W (dx) and of x (dW); write dx, dW, dbias
-        bwd = T * K * es + sel + T * d * es + 2 * gathered + es * (T * d + N * d + N)
-    elif op == "gather_combine":
-        fwd = sel + gathered + T * d * es
-        # read grad_y, selection; gathered rows of W (dvalues), of grad_y (dW); write dW, dvalues
-        bwd = T * d * es + sel + 2 * gathered + N * d * es + T * K * es
-    elif op == "mxd_decode":
-        fwd = es * (T * H + H * d + d) + sel + gathered + T * d * es
-        bwd = (es * (T * d + T * H + H * d) + sel + 2 * gathered
-               + es * (T * H + H * d + N * d + T * K + d))
-    else:
-        raise ValueError(op)
-    return float(fwd + (bwd if mode == "fwd+bwd" else 0))
+def _op_input_bytes(spec: OpSpec, backward: bool, s: Shape, dtype) -> int:
+    """The bytes of one copy of the inputs (with the output gradient), from meta tensors of their shapes."""
+    meta = torch.device("meta")
+    inputs = spec.bench_inputs(s, dtype, meta, torch.Generator().manual_seed(0), backward)
+    return _nbytes(*inputs.values())
 
 
-def _op_workspace(op: str, mode: str, dense: bool, s: Shape, es: int) -> int:
-    T, d, H, N, K = s.T, s.d, s.H, s.N, s.K
-    bn = T * N * es
-    tile = (1 << 22) * 4              # the torch backend's tiles and gather chunks
-    bwd = mode == "fwd+bwd"
-    if op == "topk_gate":
-        grads = es * (T * d + N * d + N) if bwd else 0
-        work = (4 * bn if bwd else 2 * bn) if dense else 3 * tile
-    elif op == "gather_combine":
-        grads = es * (N * d + T * K) if bwd else 0
-        work = (3 * bn if bwd else bn) if dense else tile + T * K * 24
-        work += 2 * T * d * es
-    else:
-        grads = es * (T * H + H * d + N * d + T * K + d) if bwd else 0
-        work = (3 * bn if bwd else bn) if dense else tile + T * K * 24
-        work += 6 * T * d * es
-    return int(1.25 * (grads + work + T * K * (es + 8)))
-
-
-def _make_op_inputs(op: str, mode: str, s: Shape, dtype, device, seed: int) -> dict:
-    gen = _gen(device, seed)
-    T, d, H, N, K = s.T, s.d, s.H, s.N, s.K
-    grad = mode == "fwd+bwd"
-    if op == "topk_gate":
-        inp = {"x": _randn((T, d), dtype, device, gen),
-               "weight": _randn((N, d), dtype, device, gen, 1 / math.sqrt(d)),
-               "bias": _randn((N,), dtype, device, gen, 0.1)}
-        diff = ("x", "weight", "bias")
-        if grad:
-            inp["grad_out"] = _randn((T, K), dtype, device, gen)
-    elif op == "gather_combine":
-        values, indices = random_selection(T, N, K, dtype, device, gen)
-        inp = {"weight": _randn((N, d), dtype, device, gen, 1 / math.sqrt(d)), "values": values, "indices": indices}
-        diff = ("weight", "values")
-        if grad:
-            inp["grad_out"] = _randn((T, d), dtype, device, gen)
-    elif op == "mxd_decode":
-        values, indices = random_selection(T, N, K, dtype, device, gen)
-        experts = torch.randn(N, d, device=device, generator=gen)
-        experts /= experts.norm(dim=1, keepdim=True)
-        inp = {"z": _randn((T, H), dtype, device, gen),
-               "decoder": _randn((H, d), dtype, device, gen, 1 / math.sqrt(H)),
-               "experts": experts.to(dtype), "values": values, "indices": indices,
-               "bias": _randn((d,), dtype, device, gen, 0.1)}
-        diff = ("z", "decoder", "experts", "values", "bias")
-        if grad:
-            inp["grad_out"] = _randn((T, d), dtype, device, gen)
-    else:
-        raise ValueError(op)
-    if grad:
-        for name in diff:
-            inp[name].requires_grad_(True)
-    inp["_diff"] = diff
-    return inp
-
-
-def _op_forward(op: str, provider: str, K: int) -> Callable[[dict], Any]:
+def _op_forward(spec: OpSpec, provider: str) -> Callable[[dict], Any]:
     """The forward call of the provider; returns the differentiable output."""
-    if op == "topk_gate":
-        if provider == "reference":
-            return lambda i: reference.topk_gate(i["x"], i["weight"], i["bias"], K)[0]
-        if provider == "gemm+topk":
-            return lambda i: torch.addmm(i["bias"], i["x"], i["weight"].t()).relu_().topk(K, dim=1).values
-        return lambda i: mxd_fast.topk_gate(i["x"], i["weight"], i["bias"], K)[0]
-    if op == "gather_combine":
-        f = reference.gather_combine if provider == "reference" else mxd_fast.gather_combine
-        return lambda i: f(i["weight"], i["values"], i["indices"])
-    if op == "mxd_decode":
-        if provider == "gemm":
-            return lambda i: i["z"] @ i["decoder"]
-        f = reference.mxd_decode if provider == "reference" else mxd_fast.mxd_decode
-        return lambda i: f(i["z"], i["decoder"], i["experts"], i["values"], i["indices"], i["bias"])
-    raise ValueError(op)
+    baseline = BASELINES.get(spec.name, {}).get(provider)
+    if baseline is not None:
+        return baseline.forward
+    fn = spec.reference if provider == "reference" else spec.op
+    return lambda i: spec.primary(spec.call(fn, i))
 
 
 def op_case(op: str, mode: str, provider: str, s: Shape, dtype: torch.dtype, device: torch.device) -> Case:
-    if op not in OPS[:3] or mode not in OP_MODES:
+    if op not in SPECS or mode not in OP_MODES:
         raise ValueError(f"unknown op case {op}/{mode}")
     if provider not in all_providers(op):
         raise ValueError(f"provider {provider!r} does not apply to {op}")
+    spec = SPECS[op]
     es = torch.empty((), dtype=dtype).element_size()
+    backward = mode == "fwd+bwd"
+    baseline = BASELINES.get(op, {}).get(provider)
     dense = provider in DENSE_PROVIDERS
-    forward = _op_forward(op, provider, s.K)
-    used = ("z", "decoder") if provider == "gemm" else None   # the inputs the provider differentiates
+    forward = _op_forward(spec, provider)
+    used = baseline.differentiates if baseline is not None else None   # the inputs the provider differentiates
+    fwd_flops, bwd_flops = baseline.flops(s) if baseline is not None and baseline.flops else spec.flops(s, dense)
 
     def call(inp: dict):
         with _ctx(provider):
-            if mode == "fwd":
+            if not backward:
                 with torch.no_grad():
                     return forward(inp)
             out = forward(inp)
             return torch.autograd.grad(out, [inp[n] for n in used or inp["_diff"]], inp["grad_out"])
 
-    input_bytes = _op_input_bytes(op, mode, s, es)
     return Case(op=op, mode=mode, provider=provider, shape=s, dtype=dtype, device=device,
-                flops=_op_flops(op, mode, dense, s, provider), bytes=_op_bytes(op, mode, s, es), input_bytes=input_bytes,
-                workspace_bytes=_op_workspace(op, mode, dense, s, es),
-                _inputs=lambda c: _make_op_inputs(op, mode, s, dtype, device, seed=1000 + c), _fn=lambda: call)
-
-
-def _op_input_bytes(op: str, mode: str, s: Shape, es: int) -> int:
-    T, d, H, N, K = s.T, s.d, s.H, s.N, s.K
-    sel = T * K * (es + 8)
-    if op == "topk_gate":
-        n = es * (T * d + N * d + N) + (T * K * es if mode == "fwd+bwd" else 0)
-    elif op == "gather_combine":
-        n = es * N * d + sel + (T * d * es if mode == "fwd+bwd" else 0)
-    else:
-        n = es * (T * H + H * d + N * d + d) + sel + (T * d * es if mode == "fwd+bwd" else 0)
-    return int(n)
+                flops=float(fwd_flops + (bwd_flops if backward else 0)), bytes=spec.bytes_of(s, es, backward),
+                input_bytes=_op_input_bytes(spec, backward, s, dtype),
+                workspace_bytes=spec.workspace(s, es, dense, backward),
+                _inputs=lambda c: _make_op_inputs(spec, backward, s, dtype, device, seed=1000 + c), _fn=lambda: call)
 
 
 # ---- training-step cases ---------------------------------------------------------------------------
@@ -358,7 +275,7 @@ def _train_bytes(provider: str, s: Shape, es: int, full_step: bool) -> float | N
         return None
     T, d, H, N, K = s.T, s.d, s.H, s.N, s.K
     encoder = es * (T * d + d * H + H + T * H) + es * (T * H + 2 * T * d + 2 * d * H + H)
-    total = encoder + _op_bytes("topk_gate", "fwd+bwd", s, es) + _op_bytes("mxd_decode", "fwd+bwd", s, es)
+    total = encoder + SPECS["topk_gate"].bytes_of(s, es, True) + SPECS["mxd_decode"].bytes_of(s, es, True)
     total -= es * (T * K * d + T * d)      # x needs no gradient: the gate's dx (its gathered rows, its write)
     total += 3 * T * d * es                                  # the loss: read y_hat and y, write its gradient
     if full_step:
@@ -379,9 +296,9 @@ def _train_workspace(provider: str, s: Shape, es: int) -> int:
 
 
 def train_case(provider: str, s: Shape, dtype: torch.dtype, device: torch.device, mode: str = TRAIN_MODE) -> Case:
-    if provider not in all_providers("train"):
+    if provider not in all_providers(TRAIN):
         raise ValueError(f"provider {provider!r} does not apply to train")
-    if mode not in modes_for("train"):
+    if mode not in modes_for(TRAIN):
         raise ValueError(f"mode {mode!r} does not apply to train")
     es = torch.empty((), dtype=dtype).element_size()
     is_mxd = provider not in ("transcoder", "mlp")
@@ -419,7 +336,7 @@ def train_case(provider: str, s: Shape, dtype: torch.dtype, device: torch.device
 
         return step
 
-    return Case(op="train", mode=mode, provider=provider, shape=s, dtype=dtype, device=device,
+    return Case(op=TRAIN, mode=mode, provider=provider, shape=s, dtype=dtype, device=device,
                 flops=_train_flops(provider, s), bytes=_train_bytes(provider, s, es, full_step),
                 input_bytes=3 * s.T * s.d * es,
                 workspace_bytes=_train_workspace(provider, s, es), note=note, _inputs=make_batch, _fn=make_fn)
@@ -432,6 +349,6 @@ def _train_ctx(provider: str):
 
 
 def make_case(op: str, mode: str, provider: str, s: Shape, dtype: torch.dtype, device: torch.device) -> Case:
-    if op == "train":
+    if op == TRAIN:
         return train_case(provider, s, dtype, device, mode)
     return op_case(op, mode, provider, s, dtype, device)
