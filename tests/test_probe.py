@@ -346,9 +346,23 @@ def test_padding_does_not_change_a_text_s_features(embedded):
             np.testing.assert_allclose(together[fs.name][i], alone[i][fs.name][0], rtol=1e-4, atol=1e-5)
 
 
-def test_end_to_end_on_the_embedded_model(embedded, tmp_path, monkeypatch):
+@pytest.fixture
+def cached_model(embedded, monkeypatch):
+    """run() gets the module's embedded model instead of loading it again."""
     from mxd_fast.harvest import load_model as real_load
     monkeypatch.setattr(P, "load_model", lambda name, device="cpu": embedded if name is None else real_load(name))
+    return embedded
+
+
+def test_a_layer_the_model_lacks_is_refused_by_name(cached_model, tmp_path, fake_docs):
+    with pytest.raises(ValueError, match="--layer 30: .*0 .. 29"):
+        P.run(["--layer", "30", "--datasets", "topic", "--texts-per-class", "4", "--out", str(tmp_path)])
+    wide = _run_folder(tmp_path / "wide", _tiny_mxd(d=8), layer_index=2)
+    with pytest.raises(ValueError, match="--mxd: the layer takes inputs of width 8, the model's blocks are 576 wide"):
+        P.run(["--mxd", wide, "--datasets", "topic", "--texts-per-class", "4"])
+
+
+def test_end_to_end_on_the_embedded_model(cached_model, tmp_path):
     mxd_run = _run_folder(tmp_path / "mxd", _tiny_mxd(), layer_index=2)
     tc_run = _run_folder(tmp_path / "tc", _tiny_transcoder(), layer_index=2)
     datasets = [name for name in D.DATASETS if _available(name)]

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mxd_fast.harvest import find_mlp, load_model, num_layers
+from mxd_fast.harvest import find_mlp, load_model
 from mxd_fast.module import MxD
 from mxd_fast.train import load_layer
 from mxd_fast.train.probe_data import (CHUNK_CHARS, DATASETS, TEST_FRACTION, ProbeDataset, build_dataset,
@@ -425,9 +425,10 @@ def model_checked_feature_sets(plan: dict, layer_sets: list, model: nn.Module) -
     """layer_sets checked against the model's width, then the model's MLP neurons and residual stream."""
     from mxd_fast.harvest import model_dims
 
-    if plan["layer"] >= max(1, num_layers(model)):
-        raise ValueError(f"--layer {plan['layer']}: the model has {num_layers(model)} layers")
-    dims = model_dims(model, plan["layer"])
+    try:
+        dims = model_dims(model, plan["layer"])
+    except ValueError as err:                           # no such block: the message lists the model's
+        raise ValueError(f"--layer {plan['layer']}: {err}") from None
     for fs, run in zip(layer_sets, plan["runs"]):
         if fs.info["d_in"] != dims["d"]:
             raise ValueError(f"{run['option']}: the layer takes inputs of width {fs.info['d_in']}, the model's "

@@ -9,10 +9,12 @@ Every data set is a list of text chunks with a class label and a fixed train/tes
   dropped, the text arguments of font and heading macros kept, escapes such as ``\\fB`` and ``\\-``
   resolved), then its whitespace is collapsed.
 - ``code`` (5 classes): ``python`` (the standard library's .py files, next to the running Python's
-  ``os`` module), ``c`` (C headers /usr/include/**/*.h outside c++/: ``libc6-dev``), ``cpp`` (the C++
-  standard library's headers /usr/include/c++/<version>/: ``libstdc++-12-dev``, pulled in by ``g++``),
-  ``shell`` (the scripts in /usr/bin, /usr/sbin and /etc whose first line is a ``sh``/``bash``/``dash``
-  shebang) and ``perl`` (Perl modules ``*.pm`` under /usr/share/perl*, /usr/lib/*/perl*, with their POD
+  ``os`` module), ``c`` (C-only headers: /usr/include/linux/**/*.h, asm-generic/*.h, */sys/*.h and
+  */bits/**/*.h, from ``libc6-dev`` and its ``linux-libc-dev``; other packages' headers in /usr/include
+  include C++), ``cpp`` (the C++ standard library's headers /usr/include/c++/<version>/:
+  ``libstdc++-12-dev``, pulled in by ``g++``), ``shell`` (the scripts in /usr/bin, /usr/sbin and /etc
+  whose first line is a ``sh``/``bash``/``dash`` shebang, from essential packages such as ``gzip``) and
+  ``perl`` (Perl modules ``*.pm`` under /usr/share/perl*, /usr/lib/*/perl*, with their POD
   documentation removed: ``perl``). Code keeps its line breaks.
 - ``topic`` (7 classes): the sections ``library reference tutorial howto c-api faq whatsnew`` of the
   Python documentation's reStructuredText sources, /usr/share/doc/python3*/html/_sources/<section>/
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import itertools
 import os
 import random
 import re
@@ -259,7 +262,7 @@ def collect_chunks(source: ClassSource, n: int, seed: int, chunk_chars: int) -> 
     files = source.list_files()
     random.Random(seed).shuffle(files)
     per_file, chosen, seen = [], [], set()
-    for rnd in range(1 << 30):
+    for rnd in itertools.count():
         progressed = False
         for i in range(len(files)):
             if i == len(per_file):                      # first visit: read the file now
@@ -300,7 +303,7 @@ def code_sources() -> list:
         ClassSource("c", "libc6-dev", " ".join(str(INCLUDE_ROOT / g) for g in C_HEADER_GLOBS), c_headers,
                     read_code),
         ClassSource("cpp", "libstdc++-12-dev", f"{INCLUDE_ROOT}/c++/*/", cpp_headers, read_code),
-        ClassSource("shell", "dash", " ".join(str(d) for d in SCRIPT_DIRS) + " (sh/bash shebang)",
+        ClassSource("shell", "gzip", " ".join(str(d) for d in SCRIPT_DIRS) + " (sh/bash shebang)",
                     shell_scripts, read_code),
         ClassSource("perl", "perl", " ".join(PERL_GLOBS), perl_modules, read_perl),
     ]
