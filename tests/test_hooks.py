@@ -86,12 +86,28 @@ def test_unhooked_points_and_gate_are_not_dispatched(monkeypatch):
     for cls in (HookPoint, mxd_fast.TopKGate):
         real = cls.__call__
         monkeypatch.setattr(cls, "__call__", lambda self, *a, _real=real: (calls.append(type(self)), _real(self, *a))[1])
-    layer, x = _mxd(), _x()
-    y = layer(x)
+    layer, tc, x = _mxd(), _transcoder(), _x()
+    y, y_tc = layer(x), tc(x)
     assert calls == []
     with layer.hook_z.register_forward_hook(lambda *a: None), layer.gate.register_forward_hook(lambda *a: None):
         torch.testing.assert_close(layer(x), y)
     assert calls == [mxd_fast.TopKGate, HookPoint]
+    calls.clear()
+    with tc.encoder.register_forward_hook(lambda *a: None), tc.hook_out.register_forward_hook(lambda *a: None):
+        torch.testing.assert_close(tc(x), y_tc)
+    assert calls == [mxd_fast.TopKGate, HookPoint]
+
+
+def test_backward_hooks_on_a_hook_point_see_the_gradient():
+    layer, x = _mxd(), _x()
+    dy = torch.randn(6, 9, dtype=torch.float64)
+    seen = []
+    with layer.hook_z.register_full_backward_hook(lambda m, grad_in, grad_out: seen.append(grad_out[0])):
+        (layer(x) * dy).sum().backward()
+    values, indices = layer.encode(x)[1:]
+    a = reference.dense_coefficients(values, indices, 40)
+    torch.testing.assert_close(seen[0], ((a @ layer.experts) * dy) @ layer.decoder.T)   # dL/dz
+    assert not layer.hook_z.hooked
 
 
 # ---- MxD ---------------------------------------------------------------------------------------
@@ -295,6 +311,8 @@ def test_compiled_layer_matches_eager_with_and_without_hooks():
     with layer.gate.register_forward_hook(lambda m, a, c: (c.values * 0, c.indices)):
         torch.testing.assert_close(compiled(x), layer(x))
         torch.testing.assert_close(compiled(x), (layer.bias + layer.skip(x)).expand_as(plain))
+    with layer.hook_out.register_forward_hook(lambda m, a, y: y + 1):
+        torch.testing.assert_close(compiled(x), plain + 1)
     torch.testing.assert_close(compiled(x), plain)
 
     torch._dynamo.reset()

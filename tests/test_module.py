@@ -120,6 +120,18 @@ def test_steering_edits_the_coefficients():
     torch.testing.assert_close(steered, expected)
 
 
+@pytest.mark.parametrize("make,n_name", [(_layer, "n_experts"), (lambda: mxd_fast.TopKTranscoder(12, 40, 9, 5), "width")])
+def test_k_can_be_changed_and_is_checked(make, n_name):
+    layer = make()
+    x = torch.randn(3, 12, dtype=next(layer.parameters()).dtype)
+    layer.k = 3
+    assert layer.encode(x)[-1].shape == (3, 3) and "k=3" in repr(layer)
+    for bad, error in ((41, ValueError), (0, ValueError), (2.0, TypeError)):
+        with pytest.raises(error, match=f"k must .*{n_name} = 40" if error is ValueError and bad else "k must"):
+            layer.k = bad
+    assert layer.k == 3
+
+
 def test_normalize_and_remove_parallel_gradient():
     layer = _layer()
     with torch.no_grad():
