@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from bench import cases as C
+from mxd_fast.specs import SPECS, assert_close
 from bench import cli, report
 from bench import shapes as S
 from bench import timing as T
@@ -66,8 +67,11 @@ def test_case(benchmark, op, mode, provider, shape):
 
 # ---- the cases compute what they claim ------------------------------------------------------------
 
+CHECK_DTYPE = torch.float64 if DEVICE.type == "cpu" else torch.float32
+
+
 def _outputs(op, mode, provider, shape):
-    case = C.make_case(op, mode, provider, shape, torch.float64 if DEVICE.type == "cpu" else torch.float32, DEVICE)
+    case = C.make_case(op, mode, provider, shape, CHECK_DTYPE, DEVICE)
     fn, inputs = case.build(copies=1)
     out = fn(inputs[0])
     return out if isinstance(out, (tuple, list)) else (out,)
@@ -76,15 +80,18 @@ def _outputs(op, mode, provider, shape):
 @pytest.mark.parametrize("op", C.OPS[:3])
 @pytest.mark.parametrize("mode", C.OP_MODES)
 def test_providers_agree_with_reference(op, mode):
+    """Every provider's output (and gradients) within the op spec's tolerance of the reference's."""
     shape = S.NAMED["tiny"]
+    tolerance = SPECS[op].tolerances[CHECK_DTYPE]
     expected = _outputs(op, mode, "reference", shape)
     for provider in C.all_providers(op)[1:]:
         if C.provider_unavailable(provider, DEVICE) is not None or provider in C.PARTIAL_PROVIDERS:
             continue
         got = _outputs(op, mode, provider, shape)
         assert len(got) == len(expected)
-        for g, e in zip(got, expected):
-            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4, msg=lambda m: f"{op} {mode} {provider}: {m}")
+        for i, (g, e) in enumerate(zip(got, expected)):
+            assert g.dtype == e.dtype
+            assert_close(g, e, tolerance, f"{op} {mode} {provider} output {i}")
 
 
 @pytest.mark.parametrize("mode", C.OP_MODES)

@@ -60,6 +60,8 @@ def _samples() -> tuple[Sample, ...]:
         Sample("k_gt_n", random_inputs((5,), 6, 4, 9, 33, seed=3, unique=False), (F64,),
                doc="K > N: every row repeats experts"),
         Sample("grad_of_sum", random_inputs((7,), 4, 6, 15, 3, seed=2), (F64,), grad_kinds=("expanded",)),
+        Sample("experts_grad_of_sum", random_inputs((7,), 4, 6, 15, 3, seed=2), (F64,), grad_kinds=("expanded",),
+               requires=("experts",), doc="only experts requires a gradient"),
         Sample("empty_h4", random_inputs((0,), 4, 5, 6, 2), (F32,)),
         Sample("grad_strides", random_inputs((3, 7), 21, 35, 9, 4, seed=7, layer_like=True), (F32, BF16),
                grad_kinds=("strided", "expanded")),
