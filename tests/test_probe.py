@@ -127,6 +127,18 @@ def test_missing_source_names_its_package(name, remove, package, tmp_path, fake_
         D.build_dataset(name, 8, chunk_chars=120)
 
 
+def test_corrupt_files_are_skipped(fake_man):
+    page = _roff_page("de", 9)
+    folder = fake_man / "de" / "man1"
+    (folder / "header.1.gz").write_bytes(page[:4] + b" not gzip data")       # EOFError
+    (folder / "truncated.1.gz").write_bytes(page[:40])                       # EOFError
+    (folder / "corrupt.1.gz").write_bytes(page[:10] + b"\xff" * 50)         # zlib.error
+    (folder / "crc.1.gz").write_bytes(page[:-8] + b"\0" * 8)                # BadGzipFile (an OSError)
+    broken = D.build_dataset("lang", 6, chunk_chars=150)
+    _check_balanced(broken, 6)
+    assert "9-" not in " ".join(broken.texts)
+
+
 def test_too_few_texts_names_the_package(fake_man):
     with pytest.raises(FileNotFoundError, match=re.escape("class 'en'") + ".*apt-get install manpages\\)"):
         D.build_dataset("lang", 10_000, chunk_chars=120)
@@ -202,7 +214,8 @@ def test_pool_sparse_equals_the_dense_reference():
 
 def test_pool_sparse_refuses_mismatched_shapes():
     with pytest.raises(ValueError, match="do not match"):
-        P.pool_sparse(torch.rand(2, 3, 4), torch.zeros(2, 3, 5, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool), 9)
+        P.pool_sparse(torch.rand(2, 3, 4), torch.zeros(2, 3, 5, dtype=torch.long),
+                      torch.ones(2, 3, dtype=torch.bool), 9)
 
 
 def _synthetic(n_classes=4, per_class=40, width=30, planted=True, seed=0):
@@ -301,7 +314,8 @@ def test_command_line_refuses_bad_input_by_name(tmp_path, argv, message, capsys)
 
 def test_missing_packages_are_one_line_naming_the_extra(monkeypatch, capsys):
     real = entry.importlib.util.find_spec
-    monkeypatch.setattr(entry.importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
+    monkeypatch.setattr(entry.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "sklearn" else real(name, *a))
     assert entry.main(["--layer", "1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["python -m mxd_fast.probe needs scikit-learn, not installed: pip install 'mxd_fast[train]'"]

@@ -416,7 +416,8 @@ def load_run_layers(plan: dict, device) -> list:
         layer = load_layer(run["folder"], device=device)
         wanted = MxD if run["option"] == "--mxd" else TopKTranscoder
         if not isinstance(layer, wanted):
-            raise ValueError(f"{run['option']}: {run['folder']} holds a {type(layer).__name__}, not a {wanted.__name__}")
+            raise ValueError(f"{run['option']}: {run['folder']} holds a {type(layer).__name__}, "
+                             f"not a {wanted.__name__}")
         sets.append(layer_feature_set(run["option"].lstrip("-"), layer.eval()))
     return sets
 

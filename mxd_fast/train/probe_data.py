@@ -39,9 +39,10 @@ import itertools
 import os
 import random
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional
 
 CHUNK_CHARS = 400
 TEST_FRACTION = 0.25
@@ -268,7 +269,7 @@ def collect_chunks(source: ClassSource, n: int, seed: int, chunk_chars: int) -> 
             if i == len(per_file):                      # first visit: read the file now
                 try:
                     chunks = text_chunks(source.read_text(files[i]), chunk_chars)
-                except (OSError, EOFError, ValueError):  # unreadable or corrupt: contributes nothing
+                except (OSError, EOFError, ValueError, zlib.error):   # unreadable or corrupt: nothing
                     chunks = []
                 random.Random(seed * 1_000_003 + i).shuffle(chunks)
                 per_file.append(chunks)
