@@ -25,10 +25,10 @@ from ._utils import env_flag
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
 # Which backend "auto" prefers per op on CUDA tensors, fastest first; an entry that is not available
-# is skipped (an op not listed runs on the torch backend). Measured on an H200 (bf16, bench/results/2026-11-30-h200/): the CUDA kernels were the
-# fastest in every forward row (topk_gate at the paper's shapes up to 8192 tokens and K = 32 or 128, but
-# one case where Triton led by 8%; gather_combine and mxd_decode always), then Triton, then the torch
-# backend.
+# is skipped, and an op not listed runs on the torch backend. Measured on an H200 (bf16,
+# bench/results/2026-11-30-h200/): the CUDA kernels were the fastest in every forward row (topk_gate at
+# the paper's shapes up to 8192 tokens and K = 32 or 128, but one case where Triton led by 8%;
+# gather_combine and mxd_decode always), then Triton, then the torch backend.
 AUTO_PREFERENCE = {
     "topk_gate": ("cuda", "triton", "torch"),
     "gather_combine": ("cuda", "triton", "torch"),

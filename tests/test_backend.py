@@ -243,3 +243,38 @@ def test_triton_fp32_precision_follows_both_torch_apis():
         "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "ok", out.stdout + out.stderr
+
+
+def test_an_op_the_table_gives_only_a_torch_entry(monkeypatch):
+    """An op without a Triton or CUDA entry: "auto" runs it on torch, a named backend says it has no kernel."""
+    monkeypatch.setitem(_table.TABLE, "torch_only_op", {"torch": _table.TABLE["gather_combine"]["torch"]})
+    monkeypatch.setattr(B, "unavailable_reason", lambda name, device: None)   # every backend runs on the device
+    gpu = torch.device("cuda", 0)
+    assert _table.resolve("torch_only_op", gpu) == "torch"
+    assert _table.unavailable_reason("triton", gpu, "torch_only_op") == "there is no Triton kernel for torch_only_op"
+    assert _table.unavailable_reason("cuda", gpu, "torch_only_op") == "the CUDA extension has no kernel for torch_only_op"
+    with mxd_fast.use_backend("triton"):
+        with pytest.raises(mxd_fast.BackendUnavailableError,
+                           match="backend 'triton' cannot run torch_only_op: there is no Triton kernel"):
+            _table.resolve("torch_only_op", gpu)
+    assert _table.unavailable_reason("triton", gpu, "gather_combine") is None
+
+
+def test_a_cuda_extension_without_the_op_says_so(monkeypatch):
+    from mxd_fast import _extension
+
+    if _extension.cuda_ops_loaded():
+        pytest.skip("the CUDA extension is built: it has every op")
+    monkeypatch.setattr(B, "unavailable_reason", lambda name, device: None)
+    gpu = torch.device("cuda", 0)
+    assert _table.unavailable_reason("cuda", gpu, "mxd_decode") == "the CUDA extension has no kernel for mxd_decode"
+    assert _table.resolve("mxd_decode", gpu) == "triton"     # auto moves on
+
+
+def test_triton_on_cuda_tensors_launches_on_their_device(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setattr(_table, "resolve", lambda op, device: "triton")
+    launch = _table.implementation("gather_combine", "forward", torch.device("cuda", 1))
+    assert launch.func is _table._on_device and launch.args[1] == torch.device("cuda", 1)
+    assert launch.args[0] is _table.TABLE["gather_combine"]["triton"].function("forward")
+    assert _table.implementation("gather_combine", "forward", torch.device("cpu")) is launch.args[0]

@@ -27,6 +27,8 @@ from .._torch import topk_gate as torch_topk_gate
 DIRECTIONS = ("forward", "backward")
 # The backend that runs whatever another backend does not support.
 FALLBACK = "torch"
+# Why a backend cannot run an op it has no function for.
+NO_KERNEL = {"triton": "there is no Triton kernel for {op}", "cuda": "the CUDA extension has no kernel for {op}"}
 
 
 # ---- how the table names a function --------------------------------------------------------
@@ -52,7 +54,7 @@ class TritonFunction:
         return getattr(importlib.import_module(self.module), self.name)
 
     def missing(self, op: str) -> Optional[str]:
-        return None if importlib.util.find_spec(self.module) is not None else f"there is no Triton kernel for {op}"
+        return None if importlib.util.find_spec(self.module) is not None else NO_KERNEL["triton"].format(op=op)
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class CudaOp:
         return getattr(torch.ops.mxd_fast_cuda, self.name)
 
     def missing(self, op: str) -> Optional[str]:
-        return None if hasattr(torch.ops.mxd_fast_cuda, self.name) else f"the CUDA extension has no kernel for {op}"
+        return None if hasattr(torch.ops.mxd_fast_cuda, self.name) else NO_KERNEL["cuda"].format(op=op)
 
 
 def supports_everything(*args) -> bool:
@@ -152,9 +154,6 @@ TABLE: dict[str, dict[str, Entry]] = {
     },
 }
 
-_LABELS = {"triton": "Triton", "cuda": "CUDA"}
-
-
 # ---- the dispatcher ----------------------------------------------------------------------------
 
 def unavailable_reason(name: str, device: torch.device, op: Optional[str] = None) -> Optional[str]:
@@ -165,7 +164,7 @@ def unavailable_reason(name: str, device: torch.device, op: Optional[str] = None
         return reason
     entry = TABLE[op].get(name)
     if entry is None:
-        return f"there is no {_LABELS[name]} kernel for {op}"
+        return NO_KERNEL[name].format(op=op)
     return entry.missing(op)
 
 
