@@ -57,7 +57,7 @@ from torch import nn
 
 import mxd_fast
 from mxd_fast import reference
-from mxd_fast.specs import SPECS, OpSpec, random_selection
+from mxd_fast.specs import SPECS, OpSpec, random_selection  # noqa: F401  (random_selection: part of this module's API)
 
 from .shapes import MLP_FACTOR, Shape
 
@@ -80,8 +80,8 @@ class Baseline:
 
 BASELINES: dict[str, dict[str, Baseline]] = {
     "topk_gate": {
-        "gemm+topk": Baseline(lambda i: torch.addmm(i["bias"], i["x"], i["weight"].t()).relu_().topk(i["k"], dim=1).values,
-                              dense=True),
+        "gemm+topk": Baseline(lambda i: torch.addmm(i["bias"], i["x"], i["weight"].t()).relu_().topk(i["k"], dim=1)
+                              .values, dense=True),
     },
     "mxd_decode": {
         "gemm": Baseline(lambda i: i["z"] @ i["decoder"], dense=False, partial=True, differentiates=("z", "decoder"),

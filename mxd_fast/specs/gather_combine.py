@@ -66,14 +66,16 @@ def _samples() -> tuple[Sample, ...]:
                grad_kinds=("expanded",)),
         Sample("unaligned_rows", _unaligned_rows, (F32,), grad_kinds=("dense", "expanded")),
         Sample("column_major_weight", _column_major, (F32,)),
-        Sample("hot_rows", random_inputs((64,), 10, 17, 5, unique=False, seed=3), (F32,), tags=frozenset({"deterministic"})),
+        Sample("hot_rows", random_inputs((64,), 10, 17, 5, unique=False, seed=3), (F32,),
+               tags=frozenset({"deterministic"})),
         Sample("hot_rows_bf16", random_inputs((23,), 5, 19, 4, seed=6), (BF16,), tags=frozenset({"deterministic"}),
                doc="few rows, many tokens: long segments per row"),
         Sample("hot_expert_4096", random_inputs((4096,), 64, 96, 8, unique=False, seed=29, hot=0), (F32,), large=True,
                tags=frozenset({"deterministic"}), doc="every token selects expert 0"),
         Sample("subsets", random_inputs((6,), 7, 15, 2, unique=False, seed=5), (F32,), tags=frozenset({"subsets"})),
         Sample("opcheck", random_inputs((3, 2), 9, 5, 4, unique=False), (F32,), tags=frozenset({"opcheck"})),
-        Sample("gradcheck", random_inputs((2, 3), 7, 4, 3, unique=False, seed=4), (F64,), tags=frozenset({"gradcheck"})),
+        Sample("gradcheck", random_inputs((2, 3), 7, 4, 3, unique=False, seed=4), (F64,),
+               tags=frozenset({"gradcheck"})),
     ]
     for o in (64, 63, 1):   # the CUDA kernels' vectorised rows, scalar rows (odd width), a single column
         out.append(Sample(f"rows_o{o}", random_inputs((300,), 500, o, 16, unique=False, seed=12, hot=3),

@@ -38,7 +38,8 @@ def random_inputs(lead, h: int, o: int, n: int, k: int, bias: bool = True, seed:
 
 def _non_contiguous(dtype, device):
     """z, decoder and experts column-major, values with stride 2."""
-    z, decoder, experts, values, indices, bias = random_inputs((15,), 22, 26, 10, 3, seed=17, layer_like=True)(dtype, device)
+    build = random_inputs((15,), 22, 26, 10, 3, seed=17, layer_like=True)
+    z, decoder, experts, values, indices, bias = build(dtype, device)
     return column_major(z), column_major(decoder), column_major(experts), every_other(values), indices, bias
 
 
@@ -71,7 +72,8 @@ def _samples() -> tuple[Sample, ...]:
         Sample("h16_k2", random_inputs((9,), 16, 18, 7, 2, seed=19, layer_like=True), (F64, F16)),
         Sample("hot_rows_bf16", random_inputs((33,), 16, 20, 4, 3, seed=23, layer_like=True), (BF16,),
                tags=frozenset({"deterministic"})),
-        Sample("subsets", random_inputs((11,), 19, 23, 8, 3, seed=11, layer_like=True), (F32,), tags=frozenset({"subsets"})),
+        Sample("subsets", random_inputs((11,), 19, 23, 8, 3, seed=11, layer_like=True), (F32,),
+               tags=frozenset({"subsets"})),
         Sample("opcheck", random_inputs((3, 2), 5, 4, 9, 3), (F32,), tags=frozenset({"opcheck"})),
         Sample("opcheck_nobias", random_inputs((3, 2), 5, 4, 9, 3, bias=False), (F32,), tags=frozenset({"opcheck"})),
         Sample("gradcheck", random_inputs((2, 3), 4, 5, 8, 3, seed=3), (F64,), tags=frozenset({"gradcheck"})),

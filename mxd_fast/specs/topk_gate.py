@@ -119,6 +119,17 @@ def _strided_rows(x, w, b):
     return big_x[..., ::2], big_w[:, :w.shape[1]], big_b[::3]
 
 
+def _x_column_major(x, w, b):
+    return column_major(x), w, b
+
+
+def _weight_strided(x, w, b):
+    """weight as a view with strides (2, 2n), no unit stride: every other column of a [i, 2n] tensor,
+    transposed."""
+    big = torch.stack((w.T, torch.zeros_like(w.T)), dim=-1).flatten(-2)    # [i, 2n]
+    return x, big[:, ::2].T, b
+
+
 def _strided_column_major(x, w, b):
     """x and bias strided as in _strided_rows, weight column-major."""
     x, _, b = _strided_rows(x, w, b)
@@ -185,17 +196,17 @@ def _samples() -> tuple[Sample, ...]:
         out.append(Sample(name, random_inputs(lead, i, n, k), both))
         out.append(Sample(f"{name}_nobias", random_inputs(lead, i, n, k, bias=False, seed=1), both))
     out += [
-        Sample("no_block_multiple", random_inputs((37,), 23, 70, 5, seed=2), (F32,), doc="no size a multiple of a block"),
+        Sample("no_block_multiple", random_inputs((37,), 23, 70, 5, seed=2), (F32,),
+               doc="no size a multiple of a block"),
         Sample("k_eq_n_i16", random_inputs((9,), 16, 13, 13, seed=3), (F32,)),
         Sample("n1_rows3", random_inputs((3,), 5, 1, 1, seed=4), (F32,)),
         Sample("b1", random_inputs((1,), 3, 40, 3, seed=5), (F32,)),
         Sample("k17_bf16", random_inputs((20,), 33, 90, 17, seed=6), (BF16,), doc="k not a power of two"),
         Sample("fp16_nobias", random_inputs((11,), 19, 45, 6, bias=False, seed=7), (F16,)),
         Sample("leading_3x4", random_inputs((3, 4), 10, 30, 4, seed=7), (F32,)),
-        Sample("x_column_major", random_inputs((8,), 12, 30, 5, seed=3, layout=lambda x, w, b: (column_major(x), w, b)),
-               (F32,)),
-        Sample("weight_strided", random_inputs((8,), 12, 30, 5, seed=3, layout=lambda x, w, b: (x, _every_other_row_view(w), b)),
-               (F32,), doc="weight with strides (2, 2n): no unit stride"),
+        Sample("x_column_major", random_inputs((8,), 12, 30, 5, seed=3, layout=_x_column_major), (F32,)),
+        Sample("weight_strided", random_inputs((8,), 12, 30, 5, seed=3, layout=_weight_strided), (F32,),
+               doc="weight with strides (2, 2n): no unit stride"),
         Sample("strided_x_weight_bias", random_inputs((17,), 21, 50, 6, seed=6, layout=_strided_rows), (F32,)),
         Sample("strided_x_column_major_weight", random_inputs((17,), 21, 50, 6, seed=6, layout=_strided_column_major),
                (F32,)),
@@ -206,7 +217,8 @@ def _samples() -> tuple[Sample, ...]:
                doc="five tied positive logits, five negative"),
         *(Sample(f"ties_k{k}", _ties(21, slice(7, 14), k), (F32,), doc="14 tied positive logits, 7 negative")
           for k in (5, 14, 17, 21)),
-        Sample("all_negative", _ties(21, slice(7, 14), 9, all_negative=True), (F32,), doc="every logit negative: all zero"),
+        Sample("all_negative", _ties(21, slice(7, 14), 9, all_negative=True), (F32,),
+               doc="every logit negative: all zero"),
         Sample("integer_logits", _integer_logits, (BF16,)),
         Sample("relu_masked", _relu_masked, (F32, BF16)),
         Sample("grad_of_sum", random_inputs((6,), 5, 19, 3, seed=2), (F64, F32), grad_kinds=("expanded",)),
@@ -217,7 +229,8 @@ def _samples() -> tuple[Sample, ...]:
         Sample("hot_expert_513", _hot_expert, (F32,), large=True, tags=frozenset({"deterministic"})),
         Sample("subsets", random_inputs((7,), 6, 23, 3, seed=14), (F32,), tags=frozenset({"subsets"})),
         Sample("opcheck_k3", random_inputs((3, 4), 6, 11, 3), (F32,), tags=frozenset({"opcheck"})),
-        Sample("opcheck_k_eq_n_nobias", random_inputs((3, 4), 6, 11, 11, bias=False), (F32,), tags=frozenset({"opcheck"})),
+        Sample("opcheck_k_eq_n_nobias", random_inputs((3, 4), 6, 11, 11, bias=False), (F32,),
+               tags=frozenset({"opcheck"})),
         Sample("opcheck_k2", random_inputs((3, 4), 6, 11, 2), (F32,), tags=frozenset({"opcheck"})),
         Sample("gradcheck", random_inputs((2, 3), 4, 9, 3, seed=5), (F64,), tags=frozenset({"gradcheck"})),
     ]
@@ -226,12 +239,6 @@ def _samples() -> tuple[Sample, ...]:
                              ("k_eq_n_300", 64, 40, 300, 300)):
         out.append(Sample(name, random_inputs((b,), i, n, k, seed=1), ALL_DTYPES, large=True))
     return tuple(out)
-
-
-def _every_other_row_view(w: torch.Tensor) -> torch.Tensor:
-    """w as a view with strides (2, 2n): the transpose of every other column of a [i, 2n] tensor."""
-    big = torch.stack((w.T, torch.zeros_like(w.T)), dim=-1).flatten(-2)    # [i, 2n]
-    return big[:, ::2].T
 
 
 # ---- benchmark: FLOPs (2 per multiply-add), compulsory bytes, inputs ---------------------------
