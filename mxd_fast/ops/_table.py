@@ -35,6 +35,7 @@ NO_KERNEL = {"triton": "there is no Triton kernel for {op}", "cuda": "the CUDA e
 
 @dataclass(frozen=True)
 class TorchFunction:
+    """A function of the torch backend (mxd_fast/_torch), imported with the table."""
     function: Callable
 
     def load(self) -> Callable:
@@ -87,6 +88,7 @@ class Entry:
 
     def supports(self, direction: str, args: tuple) -> bool:
         """Whether this backend runs `direction` on these arguments (else the torch backend does)."""
+        self._ref(direction)
         check = self.supports_forward if direction == "forward" else self.supports_backward
         return check(*args)
 
