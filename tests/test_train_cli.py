@@ -164,13 +164,20 @@ def test_a_run_shows_harvesting_training_and_evaluation_bars_and_explains_its_su
     assert cli.main([*args, "--eval-tokens", "0", "--stop-after", "2", "--out", str(tmp_path / "stopped")]) == 0
 
 
-def test_the_training_bar_estimates_from_the_average_rate():
-    """Harvesting pauses the steps every few steps; an estimate from a moving average of the step rate
-    swings between the fast steps and the pauses."""
-    from mxd_fast.train.progress import progress_bar
-    bar = progress_bar(10, True)
+def test_the_training_bar_counts_harvesting_in_its_time_estimate():
+    """Harvesting pauses the steps every few steps for as long as many steps take: the estimate counts it from
+    the first step on (training_eta), not a moving average of the step rate that swings with the pauses."""
+    from mxd_fast.train.progress import progress_bar, training_eta
+    assert training_eta(10, 0.5, 800, 0.01) == pytest.approx(5 + 8)   # 10 steps of 0.5 s, 800 rows of 0.01 s
+    bar = progress_bar(20, True, desc="training", eta=lambda: 50.0)
     try:
-        assert bar.smoothing == 0
+        bar.update(10)
+        assert bar.format_dict["rate"] == pytest.approx(10 / 50) and "<00:50" in str(bar)
+    finally:
+        bar.close()
+    bar = progress_bar(20, True)
+    try:
+        assert bar.smoothing == 0   # without an estimate: the average rate since the start
     finally:
         bar.close()
     assert progress_bar(10, False) is None
@@ -202,6 +209,37 @@ def test_the_first_harvest_shown_apart_gives_the_same_batches():
     plain, prepared = batches(False, []), batches(True, seen)
     assert all(torch.equal(a, b) for a, b in zip(plain, prepared))
     assert [d for d, _ in seen] == list(range(6, 37, 6)) and {t for _, t in seen} == {32}
+
+
+@pytest.mark.parametrize("capacity,b,per_pass,steps", [(20, 8, 6, 30), (64, 5, 12, 50), (16, 32, 4, 7), (10, 3, 1, 40)])
+def test_the_rows_a_buffer_will_harvest_are_foreseen(capacity, b, per_pass, steps):
+    """ActivationBuffer.rows_to_harvest, which the training's time estimate counts, against what it harvests."""
+    from mxd_fast.train.data import ActivationBuffer
+
+    class Stream:
+        context = per_pass
+
+        def next_contexts(self, n):
+            return torch.zeros(n, per_pass, dtype=torch.int64)
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    buffer = ActivationBuffer(lambda ids: (ids.reshape(-1, 1).float(),) * 2, Stream(), capacity=capacity,
+                              contexts_per_harvest=1)
+    for done in range(steps):
+        for ahead in (0, 1, 3, steps - done):
+            before = buffer.harvested_tokens
+            want = buffer.rows_to_harvest(ahead, b)
+            state = buffer.state_dict()
+            for _ in range(ahead):
+                buffer.next_batch(b)
+            assert buffer.harvested_tokens - before == want, (done, ahead)
+            buffer.load_state_dict(state)
+        buffer.next_batch(b)
 
 
 # ---- the plot ------------------------------------------------------------------------------------

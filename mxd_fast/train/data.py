@@ -512,6 +512,20 @@ class ActivationBuffer:
         if self._needs_refill(b):
             self._refill(b, progress)
 
+    def rows_to_harvest(self, batches: int, b: int) -> int:
+        """The rows the next `batches` calls of next_batch(b) will harvest (refills go to the full pool, in
+        whole harvesting passes, whenever fewer than max(b, capacity / 2) rows are unread)."""
+        per_pass = self.contexts_per_harvest * self.stream.context
+        threshold, target = max(b, self.capacity // 2), max(self.capacity, b)
+        unread, harvested = self.n - self.read, 0
+        while batches > 0:
+            if unread < threshold:
+                added = -(-(target - unread) // per_pass) * per_pass
+                harvested, unread = harvested + added, unread + added
+            run = min(batches, (unread - threshold) // b + 1)   # batches until the next refill
+            unread, batches = unread - run * b, batches - run
+        return harvested
+
     def next_batch(self, b: int) -> tuple[Tensor, Tensor]:
         if self._needs_refill(b):
             self._refill(b)

@@ -28,7 +28,7 @@ from .distributed import (barrier, full_layer, init_distributed, load_local_stat
                           wrap_for_ranks)
 from .evaluate import evaluate
 from .layers import budget_parameters, build_layer, size_for_budget, unit_name
-from .progress import HarvestBar, Log, progress_bar
+from .progress import HarvestBar, Log, progress_bar, training_eta
 from .recipe import DTYPES, TrainForward, activation_scales, fold_scales, make_optimizer, train_step
 from .stats import FiringStats, WindowSums, plot_history, plot_title, summary
 
@@ -312,8 +312,10 @@ class Trainer:
         self.log(f"training {self.steps} steps of {a.batch} tokens ({self.steps * a.batch:,} tokens), lr {a.lr}, "
                  f"warm-up {self.warmup} steps, {a.dtype}, {self.world} rank(s)"
                  f"{f' ({a.parallel})' if self.world > 1 else ''}")
-        self.bar = progress_bar(self.steps, self.log.shows_bars, initial=self.steps_done, desc="training")
+        self.bar = progress_bar(self.steps, self.log.shows_bars, initial=self.steps_done, desc="training",
+                                eta=self._seconds_left)
         self.log.bar = self.bar
+        self.t_loop, self.harvest_s_loop = time.perf_counter(), self.buffer.harvest_seconds
         self.time_up = False
         try:
             with use_backend(op_backend(a)):
@@ -326,7 +328,7 @@ class Trainer:
 
     def _first_harvest(self) -> None:
         """Harvest what the first step needs (the whole pool for --normalize scalar, whose scales it gives)
-        under its own progress bar, so that the training bar's time estimate counts steps only."""
+        under its own progress bar: the longest wait before the first step is shown as what it is."""
         with HarvestBar(self.log) as bar:
             if self.scales is None:
                 if self.args.normalize == "scalar":
@@ -339,6 +341,18 @@ class Trainer:
                     self.scales = (1.0, 1.0)
             self.buffer.prepare(self.rank_batch, bar)
         self.x_scale, self.y_scale = self.scales
+
+    def _seconds_left(self):
+        """The training's time left, harvesting counted (progress.training_eta); None before the first step."""
+        done = self.steps_done - self.start_step
+        if done < 1 or not self.buffer.harvested_tokens:
+            return None
+        harvest_in_loop = self.buffer.harvest_seconds - self.harvest_s_loop
+        step_seconds = max(time.perf_counter() - self.t_loop - harvest_in_loop, 0.0) / done
+        per_row = self.buffer.harvest_seconds / self.buffer.harvested_tokens
+        steps_left = self.stop - self.steps_done
+        return training_eta(steps_left, step_seconds, self.buffer.rows_to_harvest(steps_left, self.rank_batch),
+                            per_row)
 
     def running(self) -> bool:
         return self.steps_done < self.stop and not self.time_up
