@@ -4,6 +4,8 @@ y = gather_combine(W_dec, TopK(relu(x W_enc^T + b_enc))) + b_dec (+ x W_skip).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -18,10 +20,9 @@ class TopKTranscoder(HubMixin, nn.Module):
 
     Parameters: encoder (mxd_fast.TopKGate: W_enc [width, d_in], b_enc [width]), decoder (W_dec
     [width, d_out]), bias (b_dec [d_out]), skip (if skip: W_skip, no bias).
-    Initialised as the MxD paper's transcoder baselines are: encoder weight uniform in +-1/sqrt(d_in)
-    (nn.Linear's bound), b_enc and b_dec zero; without skip, each decoder row (a latent's direction)
-    uniform in [-1, 1] then scaled to unit L2 norm (the TopK SAE convention); with skip, decoder and
-    skip zero (the skip-transcoder initialisation: the layer starts at y = 0).
+    Initialised like nn.Linear layers with zero biases: encoder weight uniform in +-1/sqrt(d_in),
+    decoder uniform in +-1/sqrt(width) (a linear map from the width latents), b_enc and b_dec zero,
+    and skip (if skip) zero.
 
     Hook points (mxd_fast.HookPoint): hook_latents (Coefficients(values, indices) of the selected
     latents; a replacement may hold any number of columns) and hook_out (the output y). The encoder is
@@ -71,12 +72,10 @@ class TopKTranscoder(HubMixin, nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         self.encoder.reset_parameters()
+        bound = 1.0 / math.sqrt(self.width)
+        self.decoder.uniform_(-bound, bound)
         self.bias.zero_()
-        if self.skip is None:
-            self.decoder.uniform_(-1.0, 1.0)
-            self.decoder.div_(self.decoder.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.decoder.dtype).tiny))
-        else:
-            self.decoder.zero_()
+        if self.skip is not None:
             self.skip.weight.zero_()
 
     def extra_repr(self) -> str:
