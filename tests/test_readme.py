@@ -1,0 +1,18 @@
+"""The README's Python examples run as written."""
+import pathlib
+import re
+
+import pytest
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+
+
+def test_readme_has_examples():
+    assert len(BLOCKS) >= 2
+
+
+@pytest.mark.parametrize("index", range(len(BLOCKS)))
+def test_readme_example_runs(index):
+    pytest.importorskip("safetensors")   # the Hub example; make test installs it
+    exec(compile(BLOCKS[index], f"README.md example {index}", "exec"), {})
