@@ -15,6 +15,13 @@ Providers
   gemm+topk   (topk_gate only) torch.addmm + relu + torch.topk: the obvious baseline of the gate.
   gemm        (mxd_decode only) the dense z @ decoder product alone (and its two gradients): the floor
               a fused decode, which adds the gathered expert rows to its epilogue, is measured against.
+  embedding_bag  (gather_combine only) F.embedding_bag(indices, weight, per_sample_weights=values,
+              mode="sum") and its gradients in weight and values: PyTorch's own kernel of the op.
+  sparsify    (gather_combine only) the eager decoder of EleutherAI's sparsify (eai-sparsify),
+              sparsify.utils.eager_decode(indices, values, W_dec) with W_dec = weight.mT ([d, N], the
+              layout sparsify keeps): a TopK SAE library's decode as it runs on the CPU (on CUDA sparsify
+              defaults to its Triton kernel, which this provider does not time). Unavailable where sparsify
+              is not installed.
   torch, triton, cuda   the mxd_fast ops under use_backend(name).
   transcoder  (train only) mxd_fast.TopKTranscoder of width 32*d (about the parameter count of the
               MxD), k = K, on the "auto" backend.
@@ -48,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import math
 from typing import Any, Callable
 
@@ -76,12 +84,33 @@ class Baseline:
     partial: bool = False                   # times a part of the op only (no speedup vs the reference)
     differentiates: tuple[str, ...] | None = None           # its gradients (None: the op's differentiable inputs)
     flops: Callable[[Shape], tuple[float, float]] | None = None   # (forward, backward); None: the op's
+    unavailable: Callable[[], str | None] | None = None     # why it cannot run here (None: it can)
+
+
+def _embedding_bag(i: dict) -> torch.Tensor:
+    return F.embedding_bag(i["indices"], i["weight"], per_sample_weights=i["values"], mode="sum")
+
+
+def _sparsify_decode(i: dict) -> torch.Tensor:
+    from sparsify.utils import eager_decode   # imports transformers: only when the provider runs
+
+    return eager_decode(i["indices"], i["values"], i["weight"].mT)
+
+
+def _sparsify_missing() -> str | None:
+    if importlib.util.find_spec("sparsify") is None:
+        return "sparsify is not installed (pip install eai-sparsify)"
+    return None
 
 
 BASELINES: dict[str, dict[str, Baseline]] = {
     "topk_gate": {
         "gemm+topk": Baseline(lambda i: torch.addmm(i["bias"], i["x"], i["weight"].t()).relu_().topk(i["k"], dim=1)
                               .values, dense=True),
+    },
+    "gather_combine": {
+        "embedding_bag": Baseline(_embedding_bag, dense=False),
+        "sparsify": Baseline(_sparsify_decode, dense=False, unavailable=_sparsify_missing),
     },
     "mxd_decode": {
         "gemm": Baseline(lambda i: i["z"] @ i["decoder"], dense=False, partial=True, differentiates=("z", "decoder"),
@@ -109,6 +138,10 @@ def provider_unavailable(provider: str, device: torch.device) -> str | None:
         from mxd_fast.backend import unavailable_reason
 
         return unavailable_reason(provider, device)
+    for baselines in BASELINES.values():
+        baseline = baselines.get(provider)
+        if baseline is not None and baseline.unavailable is not None:
+            return baseline.unavailable()
     return None
 
 

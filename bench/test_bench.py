@@ -111,6 +111,43 @@ def test_gemm_provider_is_the_decoder_product(mode):
     assert case.flops == (1 if mode == "fwd" else 3) * 2 * shape.T * shape.H * shape.d
 
 
+GATHER_BASELINES = ("embedding_bag", "sparsify")
+
+
+@pytest.mark.parametrize("provider", GATHER_BASELINES)
+@pytest.mark.parametrize("mode", C.OP_MODES)
+def test_gather_combine_baselines_compute_the_op(provider, mode):
+    """The embedding-bag baselines time the whole op: y and its gradients in weight and values, within
+    the spec's tolerance of the reference (on inputs where tokens repeat experts and rows go unselected)."""
+    _skip_unavailable(provider)
+    assert provider in C.all_providers("gather_combine") and provider not in C.PARTIAL_PROVIDERS + C.DENSE_PROVIDERS
+    shape = S.Shape("repeats", d=9, H=4, N=6, K=3, T=11)      # 33 selections of 6 rows
+    case = C.make_case("gather_combine", mode, provider, shape, CHECK_DTYPE, DEVICE)
+    fn, inputs = case.build(copies=1)
+    i = inputs[0]
+    i["indices"][:, 1] = i["indices"][:, 0]                   # a token selects a row twice
+    i["indices"][i["indices"] == 5] = 4                       # row 5 goes unselected
+    with torch.no_grad():
+        i["values"][:, 2] *= -1                               # signed values
+    got = fn(i)
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    weight, values = i["weight"].detach().requires_grad_(), i["values"].detach().requires_grad_()
+    y = SPECS["gather_combine"].reference(weight, values, i["indices"])
+    want = (y,) if mode == "fwd" else torch.autograd.grad(y, [weight, values], i["grad_out"])
+    assert len(got) == len(want)
+    for k, (g, w) in enumerate(zip(got, want)):
+        assert_close(g, w, SPECS["gather_combine"].tolerances[CHECK_DTYPE], f"{provider} {mode} output {k}")
+
+
+def test_sparsify_provider_needs_sparsify(monkeypatch):
+    real = C.importlib.util.find_spec
+    monkeypatch.setattr(C.importlib.util, "find_spec", lambda name, *a: None if name == "sparsify" else real(name, *a))
+    assert "sparsify is not installed" in C.provider_unavailable("sparsify", torch.device("cpu"))
+    assert C.provider_unavailable("embedding_bag", torch.device("cpu")) is None
+    run, missing = cli.providers_for("gather_combine", torch.device("cpu"), ["torch", "sparsify"])
+    assert run == ["torch"] and "sparsify is not installed" in missing["sparsify"]
+
+
 def test_train_step_learns():
     shape = S.NAMED["tiny"]
     for provider in C.all_providers("train"):
