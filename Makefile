@@ -30,7 +30,7 @@ install: setup
 
 # Torch backend, module, compile, opcheck, trainer and CUDA build tests; then the Triton kernels
 # under the interpreter (on a GPU machine they run on the GPU instead); then every benchmark once, untimed.
-test: install setup-train setup-integrations
+test: install setup-train setup-integrations setup-test-data
 	$(PYTEST) -m "not triton" tests
 	TRITON_INTERPRET=$${TRITON_INTERPRET-$$($(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)")} \
 		$(PYTEST) -m triton tests
@@ -75,6 +75,22 @@ setup-integrations: $(VENV)/.setup-integrations-done
 $(VENV)/.setup-integrations-done: requirements-integrations.txt $(VENV)/.setup-train-done
 	$(PY) -m pip install -q -r requirements-integrations.txt -c requirements-train.txt -c requirements-dev.txt
 	touch $@
+
+# Debian packages some tests read: the translated manual pages and python3-doc (the sparse-probing data
+# sets of python -m mxd_fast.probe) and chromium (the browser test of python -m mxd_fast.inspect's report).
+# Installed with apt-get when make runs as root; otherwise those tests skip, naming the package.
+TEST_DEBS := manpages manpages-de manpages-es manpages-fr manpages-it manpages-nl manpages-pl python3-doc chromium
+.PHONY: setup-test-data
+setup-test-data:
+	@missing=$$(for p in $(TEST_DEBS); do dpkg -s $$p >/dev/null 2>&1 || printf '%s ' $$p; done 2>/dev/null); \
+	if [ -z "$$missing" ]; then :; \
+	elif ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ]; then \
+		echo "not installed (needs root and apt-get): $$missing; the tests that read them skip"; \
+	else \
+		echo "installing with apt-get (running as root) what the probing and report tests read: $$missing"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+			|| echo "could not install $$missing: the tests that read them skip"; \
+	fi
 
 # The trainer's default corpus, the Python documentation sources, is Debian's python3-doc: installed here
 # with apt-get when make runs as root (`sudo make setup-corpus` installs it alone). Without it the trainer
