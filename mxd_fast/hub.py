@@ -1,6 +1,11 @@
 """Hugging Face Hub format for the mxd_fast layers: a folder (or Hub model repo) holding config.json (the
 constructor arguments and a format tag), model.safetensors (the state dict) and README.md (a model card).
 
+A training run folder (mxd_fast.train) is such a folder too: its config.json names its weights file
+("weights": "layer.safetensors") and lists the keys it adds about the run ("extra_keys": the model and
+layer it replaces, the options, the corpus), which loading ignores; its README.md holds the training
+metrics. It loads with load_pretrained(run_folder), also once uploaded to the Hub as it is.
+
 safetensors (and, to download or upload, huggingface_hub) are imported only when a function here runs,
 so `import mxd_fast` stays light.
 """
@@ -22,7 +27,8 @@ from torch import nn
 
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
 FORMAT, FORMAT_VERSION = "mxd_fast", 1
-_TAGS = ("format", "format_version", "class", "mxd_fast_version", "dtype")
+WEIGHTS_KEY, EXTRA_KEYS_KEY = "weights", "extra_keys"   # a run folder's weights file, and its keys about the run
+_TAGS = ("format", "format_version", "class", "mxd_fast_version", "dtype", WEIGHTS_KEY, EXTRA_KEYS_KEY)
 # a Hub repo id: "name" or "owner/name" (letters, digits, - _ .), as huggingface_hub validates it
 _REPO_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]{1,96}$")
 
@@ -72,6 +78,18 @@ def _cell(value) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _training_lines(config: dict) -> list:
+    """What a training run's config says about where the layer comes from (nothing for other configs)."""
+    model = config.get("model") if EXTRA_KEYS_KEY in config else None
+    if not isinstance(model, dict) or "name" not in model:
+        return []
+    lines = ["", "## Training", "", f"Trained to replace the MLP of layer {model.get('layer')} of "
+             f"`{model['name']}` with mxd_fast.train."]
+    if isinstance(config.get("corpus"), str):
+        lines += ["", f"Corpus: {config['corpus']}"]
+    return lines
+
+
 def _model_card(layer: nn.Module, config: dict, metrics: dict, repo_id: Optional[str]) -> str:
     """README.md for the folder: Hub metadata, the architecture, its sizes and the training metrics."""
     name = config["class"]
@@ -92,6 +110,7 @@ def _model_card(layer: nn.Module, config: dict, metrics: dict, repo_id: Optional
              f"- {'mixture-of-decoders' if 'n_experts' in config else 'transcoder'}", "---", "",
              f"# mxd_fast.{name}", "", summary, "", "| | |", "|---|---|"]
     lines += [f"| {_cell(key)} | {_cell(value)} |" for key, value in rows]
+    lines += _training_lines(config)
     if metrics:
         lines += ["", "## Training metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {_cell(key)} | {_cell(value)} |" for key, value in metrics.items()]
@@ -106,12 +125,11 @@ def _write_atomically(path: Path, write) -> None:
     os.replace(temporary, path)
 
 
-def _write_folder(layer: nn.Module, folder, metrics, repo_id: Optional[str] = None) -> Path:
-    """config.json, model.safetensors and README.md of `layer` in `folder` (created if missing)."""
-    safetensors_torch = _require("safetensors.torch")
-    if not isinstance(folder, (str, os.PathLike)):
-        raise TypeError(f"save_directory must be a str or os.PathLike, got {type(folder).__name__}")
-    metrics = _check_metrics(metrics)
+def layer_config(layer: nn.Module, weights: str = WEIGHTS_NAME, extra: Optional[Mapping] = None) -> dict:
+    """config.json of `layer`: the format tags, the class, mxd_fast's version, the constructor arguments and
+    the dtype; with `weights` (a file name other than model.safetensors) and `extra` (keys about where the
+    layer comes from, listed under extra_keys and ignored when loading). ValueError for a layer on the meta
+    device or an extra key the config has already."""
     state = layer.state_dict()
     if any(t.is_meta for t in state.values()):
         raise ValueError(f"{type(layer).__name__} is on the meta device: a meta tensor holds no data to save")
@@ -119,6 +137,33 @@ def _write_folder(layer: nn.Module, folder, metrics, repo_id: Optional[str] = No
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "class": type(layer).__name__,
               "mxd_fast_version": _version(), **layer.constructor_arguments(),
               "dtype": str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "mixed"}
+    if weights != WEIGHTS_NAME:
+        config[WEIGHTS_KEY] = _weights_name(weights, "weights")
+    if extra:
+        clash = sorted(set(extra) & (set(config) | set(_TAGS)))
+        if clash:
+            raise ValueError(f"extra: {', '.join(map(repr, clash))} {'is' if len(clash) == 1 else 'are'} the "
+                             "layer's own config key(s)")
+        config[EXTRA_KEYS_KEY] = sorted(extra)
+        config.update(extra)
+    return config
+
+
+def model_card(layer: nn.Module, config: dict, metrics: Optional[Mapping] = None,
+               repo_id: Optional[str] = None) -> str:
+    """README.md of a folder holding `layer` with config.json `config` (layer_config's): the architecture, its
+    sizes, where it was trained (a run's config) and `metrics` (names to numbers or strings)."""
+    return _model_card(layer, config, _check_metrics(metrics), repo_id)
+
+
+def _write_folder(layer: nn.Module, folder, metrics, repo_id: Optional[str] = None) -> Path:
+    """config.json, model.safetensors and README.md of `layer` in `folder` (created if missing)."""
+    safetensors_torch = _require("safetensors.torch")
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"save_directory must be a str or os.PathLike, got {type(folder).__name__}")
+    metrics = _check_metrics(metrics)
+    config = layer_config(layer)
+    state = layer.state_dict()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
@@ -129,8 +174,17 @@ def _write_folder(layer: nn.Module, folder, metrics, repo_id: Optional[str] = No
     return folder
 
 
-def _resolve_folder(path, revision, token, cache_dir, local_files_only) -> Path:
-    """The local folder `path`, or the snapshot of the Hub repo id `path` (downloaded if needed)."""
+def _weights_name(name, where: str) -> str:
+    """`name` if it is a .safetensors file name (no folder in it); ValueError naming `where` otherwise."""
+    if not isinstance(name, str) or Path(name).name != name or name in (".", "..") or not name.endswith(
+            ".safetensors"):
+        raise ValueError(f"{where}: {name!r} is not the name of a .safetensors file in the folder")
+    return name
+
+
+def _resolve_folder(path, revision, token, cache_dir, local_files_only, patterns=None) -> Path:
+    """The local folder `path`, or the snapshot of the Hub repo id `path` (downloaded if needed: its
+    config.json, model.safetensors and README.md, or the files `patterns`)."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a folder or a Hub repo id (str or os.PathLike), got {type(path).__name__}")
     local = Path(path).expanduser()
@@ -145,27 +199,31 @@ def _resolve_folder(path, revision, token, cache_dir, local_files_only) -> Path:
     return Path(hub.snapshot_download(text, revision=revision, token=token, cache_dir=cache_dir,
                                       local_files_only=local_files_only, library_name="mxd_fast",
                                       library_version=_version(),
-                                      allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]))
+                                      allow_patterns=patterns or [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]))
 
 
 def _read_config(folder: Path) -> dict:
     """config.json of an mxd_fast folder; errors name the file and what is wrong."""
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (folder / name).is_file():
-            hint = (" (a training run folder: load it with mxd_fast.train.load_layer)"
-                    if (folder / "layer.safetensors").is_file() else "")
-            raise FileNotFoundError(f"{folder} holds no {name}: not a folder saved by save_pretrained{hint}")
+    if not (folder / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{folder} holds no {CONFIG_NAME}: not a folder saved by save_pretrained")
     try:
         config = json.loads((folder / CONFIG_NAME).read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"{folder / CONFIG_NAME} is not valid JSON ({err})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ValueError(f"{folder / CONFIG_NAME} is not an mxd_fast config (no \"format\": \"{FORMAT}\")")
+        hint = (" (a training run folder of an earlier mxd_fast.train: load it with mxd_fast.train.load_layer)"
+                if isinstance(config, dict) and "layer" in config and (folder / "layer.safetensors").is_file()
+                else "")
+        raise ValueError(f"{folder / CONFIG_NAME} is not an mxd_fast config (no \"format\": \"{FORMAT}\"){hint}")
     version = config.get("format_version")
     if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise ValueError(f"{folder / CONFIG_NAME}: format_version {version!r} is not one this mxd_fast "
                          f"({_version()}) reads (1 to {FORMAT_VERSION}); saved by mxd_fast "
                          f"{config.get('mxd_fast_version')}")
+    _weights_name(config.get(WEIGHTS_KEY, WEIGHTS_NAME), f"{folder / CONFIG_NAME}: {WEIGHTS_KEY}")
+    extra = config.get(EXTRA_KEYS_KEY, [])
+    if not isinstance(extra, list) or not all(isinstance(key, str) for key in extra):
+        raise ValueError(f"{folder / CONFIG_NAME}: {EXTRA_KEYS_KEY} must be a list of key names, got {extra!r}")
     return config
 
 
@@ -173,7 +231,7 @@ def _constructor_arguments(cls, config: dict, path: Path) -> dict:
     """The constructor arguments of `cls` in `config`; ValueError naming missing or unknown keys."""
     names = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "device", "dtype")]
     missing = [n for n in names if n not in config]
-    unknown = sorted(set(config) - set(names) - set(_TAGS))
+    unknown = sorted(set(config) - set(names) - set(_TAGS) - set(config.get(EXTRA_KEYS_KEY, ())))
     if missing or unknown:
         raise ValueError(f"{path}: {cls.__name__} " + "; ".join(
             part for part in (f"needs {', '.join(missing)}" if missing else "",
@@ -209,11 +267,26 @@ def _load_tensors(layer: nn.Module, path: Path) -> dict:
 
 def _load(cls, path, device, dtype, revision, token, cache_dir, local_files_only):
     """The layer in `path` (folder or Hub repo id); cls None: the class config.json names."""
-    from .module import MxD, _float_dtype
-    from .transcoder import TopKTranscoder
+    from .module import _float_dtype
     device, dtype = _device(device), _float_dtype(dtype)
     folder = _resolve_folder(path, revision, token, cache_dir, local_files_only)
     config = _read_config(folder)
+    weights = config.get(WEIGHTS_KEY, WEIGHTS_NAME)
+    if not (folder / weights).is_file() and not Path(path).expanduser().is_dir():   # a run folder on the Hub
+        folder = _resolve_folder(path, revision, token, cache_dir, local_files_only, patterns=[weights])
+    return load_folder(folder, cls, device, dtype, config)
+
+
+def load_folder(folder, cls=None, device="cpu", dtype: Optional[torch.dtype] = None, config: Optional[dict] = None):
+    """The layer in the local folder `folder` (save_pretrained's, or a training run's); cls None: the class
+    its config.json names; `config`: that config.json, when the caller has read it."""
+    from .module import MxD, _float_dtype
+    from .transcoder import TopKTranscoder
+    device, dtype, folder = _device(device), _float_dtype(dtype), Path(folder)
+    config = _read_config(folder) if config is None else config
+    weights = folder / config.get(WEIGHTS_KEY, WEIGHTS_NAME)
+    if not weights.is_file():
+        raise FileNotFoundError(f"{folder} holds no {weights.name}: not a folder saved by save_pretrained")
     classes = {c.__name__: c for c in (MxD, TopKTranscoder)}
     if cls is None:
         if config.get("class") not in classes:
@@ -227,7 +300,7 @@ def _load(cls, path, device, dtype, revision, token, cache_dir, local_files_only
         layer = cls(**arguments, device="meta")
     except (TypeError, ValueError) as err:
         raise ValueError(f"{folder / CONFIG_NAME}: {err}") from err
-    layer.load_state_dict(_load_tensors(layer, folder / WEIGHTS_NAME), assign=True)
+    layer.load_state_dict(_load_tensors(layer, weights), assign=True)
     return layer.to(device=device, dtype=dtype)
 
 

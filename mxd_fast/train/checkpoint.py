@@ -13,11 +13,16 @@ import torch
 
 LAYER_FILE, CONFIG_FILE, METRICS_FILE = "layer.safetensors", "config.json", "metrics.json"
 HISTORY_FILE, FIRING_FILE, PLOT_FILE = "history.json", "firing_counts.pt", "training_curve.png"
+CARD_FILE, CSV_FILE, TENSORBOARD_DIR = "README.md", "metrics.csv", "tensorboard"
+TENSORBOARD_EVENTS = f"{TENSORBOARD_DIR}/events.out.tfevents.*"
 RUN_FILES = (LAYER_FILE, CONFIG_FILE, METRICS_FILE, HISTORY_FILE, FIRING_FILE, PLOT_FILE)
+# What a run writes beside RUN_FILES: a run's only while the folder holds a run (a README.md or a CSV of
+# the user's own, or a start that failed before its first checkpoint, is no run).
+RUN_COMPANION_FILES = (CARD_FILE, CSV_FILE)
 # Options a resumed run must share with the run that wrote its checkpoint.
 RUN_OPTIONS = ("model", "layer", "arch", "k", "experts", "budget", "hidden", "activation", "glu", "batch", "lr",
                "warmup", "normalize", "dtype", "model_dtype", "context", "buffer", "harvest_contexts", "text", "eval_text",
-               "seed")
+               "text_format", "text_column", "text_split", "seed")
 
 
 def _umask() -> int:
@@ -63,11 +68,15 @@ def write_json(path, obj, indent: Optional[int] = 2) -> None:
 
 
 def run_files(out: Path) -> list:
-    """The files of a run (finished or stopped) in the folder `out`."""
+    """The files of a run (finished or stopped) in the folder `out`: RUN_FILES and the checkpoints, and with
+    them the model card, metrics.csv and TensorBoard's event files."""
     out = Path(out)
     if not out.is_dir():
         return []
-    return sorted([out / n for n in RUN_FILES if (out / n).exists()] + list(out.glob("checkpoint-rank*.pt")))
+    files = [out / n for n in RUN_FILES if (out / n).exists()] + list(out.glob("checkpoint-rank*.pt"))
+    if files:
+        files += [out / n for n in RUN_COMPANION_FILES if (out / n).exists()] + list(out.glob(TENSORBOARD_EVENTS))
+    return sorted(files)
 
 
 def checkpoint_path(out: Path, rank: int) -> Path:

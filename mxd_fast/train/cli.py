@@ -10,9 +10,16 @@ renormalised to unit norm before every forward pass and the component of their g
 removed after backward; loss = mean over tokens and features of (y^ - y)^2 / ||y||_2; AdamW with weight
 decay 0, linear warm-up then a constant learning rate; fp32, or bf16 compute with fp32 master weights.
 
-The run folder (--out) receives layer.safetensors + config.json (load with `load_layer(folder)`),
-metrics.json, history.json, training_curve.png, firing_counts.pt and a resumable checkpoint per rank
-(checkpoint-rank<r>.pt, for --resume).
+The run folder (--out) is a Hugging Face Hub model folder: layer.safetensors, config.json (the layer, and the
+model, options and corpus of the run) and README.md (a model card with the metrics). It loads with
+`mxd_fast.load_pretrained(folder)` (or `MxD.from_pretrained`, or `mxd_fast.train.load_layer(folder)`);
+uploaded as it is (`hf upload USER/NAME folder --exclude "checkpoint-*"`), with
+`mxd_fast.load_pretrained("USER/NAME")`. Beside them: metrics.json, history.json, training_curve.png,
+firing_counts.pt, a resumable checkpoint per rank (checkpoint-rank<r>.pt, for --resume) and what --log writes
+(metrics.csv, tensorboard/, wandb/).
+
+Training text (--text) is text files, or a Hugging Face `datasets` dataset read as a stream (a corpus larger
+than memory trains too): a folder written by save_to_disk, or json/csv/parquet/text files (--text-format).
 """
 from __future__ import annotations
 
@@ -23,9 +30,11 @@ import sys
 from typing import Optional, Sequence
 
 from ..module import ACTIVATIONS
+from .corpus import BUILDER_FORMATS, TEXT_FORMATS
 from .distributed import PARALLEL, rank_device
 from .extras import GGUF_PACKAGES, TRAIN_PACKAGES, MissingExtraError, require
 from .layer_io import usable_device
+from .loggers import DEFAULT_WANDB_PROJECT, LOGGERS, parse_loggers, require_loggers
 from .layers import ARCHS
 from .recipe import DTYPES
 from .trainer import Trainer
@@ -67,6 +76,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     _training_options(p.add_argument_group("training"))
     _data_options(p.add_argument_group("data and evaluation"))
     _run_options(p.add_argument_group("run folder"))
+    _logging_options(p.add_argument_group("training curves"))
     _machine_options(p.add_argument_group("devices and output"))
     return p
 
@@ -125,15 +135,27 @@ def _training_options(g) -> None:
 
 def _data_options(g) -> None:
     a = g.add_argument
-    a("--text", nargs="+", default=None, help="text files or folders (.txt/.rst/.md, .jsonl with a \"text\" "
-      "field) (default: the Python documentation sources, else the standard library's docstrings)")
+    a("--text", nargs="+", default=None, help="text files or folders (.txt/.rst/.md one document per file, .jsonl "
+      "one per line with a \"text\" field), or a datasets dataset: a save_to_disk folder, or json/csv/parquet/text "
+      "files with --text-format (default: the Python documentation sources, else the standard library's "
+      "docstrings)")
+    a("--text-format", choices=TEXT_FORMATS, default="auto", help="how --text and --eval-text are read. auto: a "
+      "folder holding dataset_info.json and state.json (Dataset.save_to_disk) or dataset_dict.json "
+      "(DatasetDict.save_to_disk) is a datasets dataset, anything else text files; files: text files only; "
+      "dataset: save_to_disk folders only; json, csv, parquet, text: files, folders of them or glob patterns read "
+      "with datasets.load_dataset(FORMAT, data_files=..., streaming=True) (text: one document per line). A "
+      "dataset is read as a stream, never whole; its passes are shuffled by datasets (shard order and a buffer "
+      "of 10,000 documents), rank r of N reads documents r, r + N, ... (default: auto)")
+    a("--text-column", default="text", help="the column of a dataset that holds the documents (default: text)")
+    a("--text-split", default="train", help="the split read from a DatasetDict folder; a split's own subfolder "
+      "may be given instead (default: train)")
     a("--context", type=int, default=None, help=f"tokens per context ({defaults_text('context')})")
     a("--buffer", type=int, default=None, help="rows (tokens) of x and y in the shuffling buffer, per rank "
       f"({defaults_text('buffer')})")
     a("--harvest-contexts", type=int, default=None, help="contexts per harvesting forward pass "
       f"({defaults_text('harvest_contexts')})")
-    a("--eval-text", nargs="+", default=None, help="held-out text (default: ~2%% of the documents, chosen by a "
-      "hash of their text)")
+    a("--eval-text", nargs="+", default=None, help="held-out text, in the forms --text takes, read as "
+      "--text-format says (default: ~2%% of the documents, chosen by a hash of their text)")
     a("--eval-tokens", type=int, default=None, help="held-out tokens for the CE evaluation, 0: skip it "
       f"({defaults_text('eval_tokens')})")
     a("--eval-batch", type=int, default=8, help="contexts per evaluation forward pass (default: 8)")
@@ -154,6 +176,18 @@ def _run_options(g) -> None:
       "(default: none)")
     a("--log-every", type=int, default=None, help="steps per logging window: one line of metrics (or the progress "
       f"bar's figures) and one point of the training curve ({defaults_text('log_every')})")
+
+
+def _logging_options(g) -> None:
+    a = g.add_argument
+    a("--log", action="append", default=None, metavar="{" + ",".join(LOGGERS) + "}", help="also write the "
+      "training curves (each logging window's loss, nmse, l0, dead fraction, lr, tokens, tokens/s and firing "
+      "frequencies; the final metrics as final/NAME) for: tensorboard (RUN/tensorboard/, `tensorboard --logdir "
+      "RUN`), wandb (Weights & Biases, files in RUN/wandb/; WANDB_MODE=offline works without a network or an "
+      "account, `wandb sync` uploads later), csv (RUN/metrics.csv, one row per window); may be given several "
+      "times or comma-separated; rank 0 logs (default: none, besides history.json and the log lines)")
+    a("--wandb-project", default=None, help=f"wandb project of --log wandb (default: {DEFAULT_WANDB_PROJECT})")
+    a("--wandb-name", default=None, help="wandb run name of --log wandb (default: the name of the --out folder)")
 
 
 def _machine_options(g) -> None:
@@ -192,7 +226,22 @@ def resolve_options(args) -> argparse.Namespace:
                 raise SystemExit(f"--{name} sets the MxD layer; it does not apply to --arch {args.arch}")
     if args.model is not None and not os.path.exists(os.path.expanduser(args.model)) and _is_local_path(args.model):
         raise SystemExit(f"--model: no file or folder {args.model}")
+    _check_text_and_logging(args)
     return args
+
+
+def _check_text_and_logging(args) -> None:
+    """--text-split and the wandb options where they apply; --log parsed into a list of loggers."""
+    if args.text_format in BUILDER_FORMATS and args.text_split != "train":
+        raise SystemExit(f"--text-split {args.text_split}: files read with --text-format {args.text_format} form "
+                         "one split, train; --text-split chooses a split of a DatasetDict folder")
+    try:
+        args.log = parse_loggers(args.log)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    for name in ("wandb_project", "wandb_name"):
+        if getattr(args, name) is not None and "wandb" not in args.log:
+            raise SystemExit(f"--{name.replace('_', '-')} names the run of --log wandb, which is not chosen")
 
 
 def _check_ranges(args) -> None:
@@ -234,9 +283,15 @@ def _check_device(name: str) -> None:
 
 
 def require_packages(args, prog: str = PROG) -> None:
-    """MissingExtraError naming `pip install 'mxd_fast[train]'` unless the packages a run needs import."""
+    """MissingExtraError naming `pip install 'mxd_fast[train]'` unless the packages a run needs import, or
+    naming the pip package of a logger --log chooses."""
     gguf = args.model is None or str(args.model).endswith(".gguf")
     require(*TRAIN_PACKAGES, *(GGUF_PACKAGES if gguf else ()), what=prog)
+    try:
+        loggers = parse_loggers(args.log)
+    except ValueError:
+        return   # resolve_options refuses it by name
+    require_loggers(loggers)
 
 
 def run(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> dict:

@@ -146,6 +146,18 @@ def open_dataset(paths: Sequence[str], how: str, column: str = "text", split: st
     return StreamedCorpus(stream, column, description)
 
 
+def read_text(paths: Sequence[str], text_format: str = "auto", column: str = "text",
+              split: str = "train") -> tuple:
+    """(documents, description) of `paths` as --text reads them under --text-format `text_format`: a list of
+    strings for text files (data.read_documents), a StreamedCorpus for a dataset (not read yet)."""
+    how = dataset_format(paths, text_format)
+    if how is None:
+        from .data import read_documents
+        return read_documents(paths), " ".join(map(str, paths))
+    corpus = open_dataset(paths, how, column, split)
+    return corpus, corpus.description
+
+
 class StreamedCorpus:
     """The documents of a datasets IterableDataset, read pass by pass without holding them: iterating it gives
     them in the dataset's order; documents(...) gives one rank's share of a shuffled pass. split() divides it

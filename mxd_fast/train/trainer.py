@@ -24,13 +24,18 @@ from . import data as D
 from . import layer_io
 from .checkpoint import (FIRING_FILE, HISTORY_FILE, METRICS_FILE, PLOT_FILE, atomic_save, checkpoint_path,
                          load_resume_state, refuse_other_options, run_files, write_json)
+from .corpus import StreamedCorpus, read_text
 from .distributed import (barrier, full_layer, init_distributed, load_local_state, local_state, rank_device,
                           wrap_for_ranks)
 from .evaluate import evaluate
 from .layers import budget_parameters, build_layer, size_for_budget, unit_name
+from .loggers import MetricLoggers
 from .progress import HarvestBar, Log, progress_bar, training_eta
 from .recipe import DTYPES, TrainForward, activation_scales, fold_scales, make_optimizer, train_step
 from .stats import FiringStats, WindowSums, plot_history, plot_title, summary
+
+
+EVAL_FRACTION = 0.02   # the share of the documents held out for the CE evaluation when --eval-text is not given
 
 
 def op_backend(args) -> str:
@@ -68,6 +73,7 @@ class Trainer:
         self.rank, self.world = 0, 1
         self.new_folders: list[Path] = []   # folders this run made: removed again if it fails while they are empty
         self.harvester = self.bar = None
+        self.loggers, self.wandb_run_id = MetricLoggers(), None   # --log, on rank 0, opened by setup()
 
     # ---- setup ---------------------------------------------------------------------------------
 
@@ -85,6 +91,7 @@ class Trainer:
         self._build_data_pipeline()
         self._restore()
         self._remove_old_run()
+        self._open_loggers()
 
     def _start_processes(self) -> None:
         """Threads, the process group of several ranks, this rank's device, the batch split over the ranks."""
@@ -146,21 +153,31 @@ class Trainer:
             torch.cuda.manual_seed_all(a.seed)
 
     def _read_text(self) -> None:
-        """The training and held-out documents (read before the model loads, so that a bad --text fails at once)."""
+        """The training and held-out documents (read before the model loads, so that a bad --text fails at once):
+        lists of strings, or StreamedCorpus for a datasets dataset (read as the run goes, never held whole)."""
         a = self.args
         if a.text:
-            docs, self.corpus = _documents("--text", a.text), " ".join(a.text)
+            docs, self.corpus = _documents("--text", a.text, a)
         else:
             docs, self.corpus = D.default_corpus(self.log)
         if a.eval_text:
-            self.train_docs, self.eval_docs = docs, _documents("--eval-text", a.eval_text)
+            self.train_docs, self.eval_docs = docs, _documents("--eval-text", a.eval_text, a)[0]
         else:
-            self.train_docs, self.eval_docs = D.split_documents(docs, 0.02)
-        if not self.train_docs:
-            raise SystemExit(f"--text: no training documents in {self.corpus} (empty files, or no "
-                             f"{'/'.join(D.TEXT_SUFFIXES)} files in a folder)")
-        self.log(f"corpus: {self.corpus}; {len(self.train_docs)} training and {len(self.eval_docs)} held-out "
-                 "documents")
+            self.train_docs, self.eval_docs = D.split_documents(docs, EVAL_FRACTION)
+        if not any(isinstance(d, StreamedCorpus) for d in (self.train_docs, self.eval_docs)):
+            for name, default in (("text_column", "text"), ("text_split", "train")):
+                if getattr(a, name) != default:
+                    raise SystemExit(f"--{name.replace('_', '-')} chooses from a datasets dataset; --text and "
+                                     "--eval-text are read as text files here (see --text-format)")
+        if _no_documents("--text", self.train_docs):
+            raise SystemExit(f"--text: no training documents in {self.corpus} ("
+                             + ("no row with text in the column" if isinstance(docs, StreamedCorpus) else
+                                f"empty files, or no {'/'.join(D.TEXT_SUFFIXES)} files in a folder") + ")")
+        counts = [f"{len(d)} {what}" if isinstance(d, list) else f"{what} read as a stream"
+                  for d, what in ((self.train_docs, "training"), (self.eval_docs, "held-out"))]
+        self.log(f"corpus: {self.corpus}; {' and '.join(counts)} documents"
+                 + ("" if a.eval_text or isinstance(docs, list) else
+                    f" (held out: those whose text hash falls in the lowest {EVAL_FRACTION:.0%})"))
 
     def _load_model(self) -> None:
         """The language model, --context and --layer checked against it, and its MLP's dimensions."""
@@ -272,6 +289,7 @@ class Trainer:
         self.steps_done, self.history = int(state["step"]), list(state["history"])
         self.sums = WindowSums(state["acc"])
         self.scales = tuple(state["scales"])
+        self.wandb_run_id = state.get("wandb_run_id")
         self.resume_state = None
         self.log(f"resumed from {self.ckpt_path} at step {self.steps_done}")
 
@@ -284,13 +302,24 @@ class Trainer:
                     p.unlink(missing_ok=True)
             barrier(self.world)
 
+    def _open_loggers(self) -> None:
+        """The --log loggers on rank 0, once the old run's files are gone (a resumed run continues its curves)."""
+        a = self.args
+        if self.rank != 0 or not a.log:
+            return
+        self.loggers = MetricLoggers.open(a.log, self.out, history=self.history,
+                                          resume_step=self.steps_done if a.resume else 0, config=self._run_config(),
+                                          wandb_project=a.wandb_project, wandb_name=a.wandb_name,
+                                          wandb_id=self.wandb_run_id)
+
     @contextlib.contextmanager
     def removing_new_folders_on_failure(self):
-        """Whatever fails (a bad option, an unreachable model, Ctrl-C), the folders this run made are removed
-        again while they are empty: a failed start leaves no empty run folder."""
+        """Whatever fails (a bad option, an unreachable model, Ctrl-C), the loggers are closed and the folders
+        this run made are removed again while they are empty: a failed start leaves no empty run folder."""
         try:
             yield self
         except BaseException:
+            self.loggers.close(failed=True)
             for folder in self.new_folders:   # the run folder first, then the parents it needed
                 try:
                     folder.rmdir()
@@ -389,6 +418,7 @@ class Trainer:
                "lr": self.scheduler.get_last_lr()[0],
                "tokens_per_s": (self.steps_done - self.start_step) * a.batch / max(elapsed, 1e-9), **window}
         self.history.append(rec)
+        self.loggers.window(rec)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{rec['loss']:.4g}", nmse=f"{rec['nmse']:.4f}", l0=f"{rec['l0']:.1f}",
                                  dead=f"{rec['dead_fraction']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
@@ -412,7 +442,8 @@ class Trainer:
                      "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                      "buffer": self.buffer.state_dict(), "stats": self.stats.state_dict(),
                      "rng": torch.get_rng_state(), "history": self.history, "acc": self.sums.state_dict(),
-                     "scales": (self.x_scale, self.y_scale), "warmup": self.warmup, "args": vars(self.args)},
+                     "scales": (self.x_scale, self.y_scale), "warmup": self.warmup, "args": vars(self.args),
+                     "wandb_run_id": self.loggers.wandb_run_id or self.wandb_run_id},
                     self.ckpt_path)
 
     # ---- the end -------------------------------------------------------------------------------
@@ -429,6 +460,7 @@ class Trainer:
                      f"({self.steps_done * self.args.batch:,} tokens)")
         if not (self.steps_done >= self.steps or self.time_up):
             self.log(f"stopped at step {self.steps_done} of {self.steps}: continue with --resume")
+            self.loggers.close()
             barrier(self.world)
             self.harvester.close()
             return {"step": self.steps_done, "stopped": True}
@@ -436,10 +468,13 @@ class Trainer:
         metrics = {}
         if self.rank == 0:
             metrics = self._metrics()
-            layer_io.save_layer(layer, self.out, self._run_config())
+            layer_io.save_layer(layer, self.out, self._run_config(), metrics)
             self._evaluate(layer, metrics)
             metrics["wall_seconds"] = time.perf_counter() - self.t_start
+            layer_io.save_model_card(layer, self.out, metrics)
             self._write_results(metrics)
+            self.loggers.final(metrics, self.steps_done)
+            self.loggers.close()
             self._plot()
             self.log(summary(metrics, self.out, self.args.dead_window))
         barrier(self.world)
@@ -488,7 +523,7 @@ class Trainer:
         a = self.args
         if a.eval_tokens <= 0:
             return None
-        if not self.eval_docs:
+        if _no_documents("--eval-text", self.eval_docs):
             self.log("no held-out documents (give --eval-text): no CE evaluation")
             return None
         n_ctx = max(1, a.eval_tokens // a.context)
@@ -528,12 +563,24 @@ class Trainer:
             self.log("matplotlib is not installed: no training_curve.png")
 
 
-def _documents(option: str, paths) -> list:
-    """D.read_documents(paths), or SystemExit naming the option when a file is missing or malformed."""
+def _documents(option: str, paths, args) -> tuple:
+    """(documents, description) of the files, folders or dataset `paths` (corpus.read_text, as --text-format,
+    --text-column and --text-split say), or SystemExit naming the option when they cannot be read."""
     try:
-        docs = D.read_documents(paths)
+        docs, description = read_text(paths, args.text_format, args.text_column, args.text_split)
     except (OSError, ValueError) as err:
         raise SystemExit(f"{option}: {err}") from None
-    if option == "--eval-text" and not docs:
+    if option == "--eval-text" and _no_documents(option, docs):
         raise SystemExit(f"{option}: no documents in {' '.join(paths)}")
-    return docs
+    return docs, description
+
+
+def _no_documents(option: str, docs) -> bool:
+    """Whether `docs` (a list, or a StreamedCorpus: its first document is read) holds no document; SystemExit
+    naming the option when a dataset cannot be read."""
+    if not isinstance(docs, StreamedCorpus):
+        return not docs
+    try:
+        return docs.first() is None
+    except (OSError, ValueError) as err:   # a malformed file (pyarrow's errors are ValueErrors), a bad row
+        raise SystemExit(f"{option}: {err}") from None
