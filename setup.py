@@ -115,6 +115,8 @@ TRAIN_REQUIRES = [
     "tqdm>=4.70",
     "matplotlib>=3.11",
     "scikit-learn>=1.9",
+    "datasets>=5.2",
+    "tensorboard>=2.21",
 ]
 
 setup(
@@ -138,6 +140,8 @@ setup(
     extras_require={
         "triton": ["triton"],
         "train": TRAIN_REQUIRES,
+        "wandb": ["wandb>=0.31"],   # --log wandb
+        "hub": ["safetensors", "huggingface_hub"],   # mxd_fast.hub: save_pretrained, from_pretrained, push_to_hub
         "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy", "ninja"],
         # mxd_fast.integrations: the versions requirements-integrations.txt pins as lower bounds
         "saelens": ["sae-lens>=6.54", "transformer-lens>=3.9"],
