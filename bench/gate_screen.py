@@ -1,0 +1,184 @@
+"""The exact top-k gate on the CPU (fp32): screened vs direct vs the dense reference, side by side.
+
+    python -m bench.gate_screen --tokens 2048 --threads 2
+    python -m bench.gate_screen --shapes gpt2,sweep-k --layer --reps 5 --out gate_screen.json
+
+Per shape, the gate forward of three providers, timed in turns on the same inputs:
+- dense: addmm + relu + torch.topk (forms the [T, N] logits);
+- direct: the torch backend's tiled fp32 forward (MXD_FAST_EXACT_GATE=direct);
+- screened: the bf16 screen with certified fp32 rescoring (mxd_fast/_torch/screened_gate.py).
+Then the ratios direct / screened and dense / screened and the share of rows the screened calls retried
+with more candidates or recomputed by the direct path. --layer adds a whole MxD layer's forward+backward
+(torch backend) with MXD_FAST_EXACT_GATE=direct vs screened; a "screened" layer whose gate never
+screened (the torch backend not calling the screen) is flagged.
+
+Inputs are random (x ~ N(0, 1), gate rows N(0, 1/d), bias N(0, 0.01)): a trained gate's fallback rate
+may differ. Default shapes: GPT-2's (768 x 21490, K = 32) and the CPU sweeps over K and N of the main
+bench (python -m bench); --tokens sets the tokens of every shape.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import torch
+
+import mxd_fast
+from mxd_fast._torch import screened_gate as sg
+try:
+    from mxd_fast._torch.topk_gate import topk_gate_torch_forward
+except ImportError:   # before the torch backend's move to mxd_fast/_torch
+    from mxd_fast.ops.topk_gate import topk_gate_torch_forward
+
+from . import shapes as S
+from . import timing as T
+from .cli import positive_int
+
+COPIES = 2   # input sets the timed calls rotate over
+
+
+def _with_mode(mode: str, fn, *args):
+    old = os.environ.get(sg.ENV_VAR)
+    os.environ[sg.ENV_VAR] = mode
+    try:
+        return fn(*args)
+    finally:
+        if old is None:
+            del os.environ[sg.ENV_VAR]
+        else:
+            os.environ[sg.ENV_VAR] = old
+
+
+def direct(x, w, b, k):
+    """The torch backend's forward with screening off."""
+    return _with_mode("direct", topk_gate_torch_forward, x, w, b, k)
+
+
+def dense(x, w, b, k):
+    return torch.addmm(b, x, w.T).relu_().topk(k, dim=1)
+
+
+def screened(x, w, b, k):
+    return sg.screened_topk_gate(x, w, b, k, direct)
+
+
+def _inputs(s: S.Shape) -> list:
+    out = []
+    for c in range(COPIES):
+        g = torch.Generator().manual_seed(c)
+        out.append((torch.randn(s.T, s.d, generator=g), torch.randn(s.N, s.d, generator=g) / s.d ** 0.5,
+                    torch.randn(s.N, generator=g) * 0.1))
+    return out
+
+
+def _ms(t) -> dict:
+    if isinstance(t, Exception):
+        return {"error": f"{type(t).__name__}: {t}"}
+    return {"ms": t.median * 1e3, "p20_ms": t.p20 * 1e3, "p80_ms": t.p80 * 1e3, "reps": t.reps}
+
+
+def gate_row(s: S.Shape, cfg: T.TimingConfig) -> dict:
+    """Times the three gate providers at shape s; the screened calls' retry and fallback shares."""
+    inputs = _inputs(s)
+    fns = [lambda i, f=f: f(*i, s.K) for f in (dense, direct, screened)]
+    sg.reset_screen_stats()
+    timings = T.time_interleaved(fns, inputs, cfg)
+    stats = sg.screen_stats()
+    row = {"shape": s.label(), **{name: _ms(t) for name, t in zip(("dense", "direct", "screened"), timings)},
+           "screen_stats": stats}
+    rows = max(stats["rows_screened"], 1)
+    row["retried"] = stats["rows_retried"] / rows
+    row["fallback"] = stats["rows_fallback"] / rows
+    row["screened_calls"] = stats["calls"]
+    return row
+
+
+def layer_row(s: S.Shape, cfg: T.TimingConfig) -> dict:
+    """A whole MxD layer's forward+backward (torch backend), gate exact by direct vs screened."""
+    torch.manual_seed(0)
+    layer = mxd_fast.MxD(s.d, s.H, s.d, s.N, s.K, activation="gelu")
+    inputs = [torch.randn(s.T, s.d, generator=torch.Generator().manual_seed(c)) for c in range(COPIES)]
+
+    def step(x, mode):
+        def run():
+            with mxd_fast.use_backend("torch"):
+                layer.zero_grad(set_to_none=True)
+                layer(x.requires_grad_()).square().mean().backward()
+        return _with_mode(mode, run)
+
+    sg.reset_screen_stats()
+    timings = T.time_interleaved([lambda x: step(x, "direct"), lambda x: step(x, "screened")], inputs, cfg)
+    calls = sg.screen_stats()["calls"]
+    return {"shape": s.label(), "layer_direct": _ms(timings[0]), "layer_screened": _ms(timings[1]),
+            "layer_screened_calls": calls}
+
+
+def _ratio(row: dict, num: str, den: str) -> str:
+    a, b = row.get(num, {}), row.get(den, {})
+    return f"{a['ms'] / b['ms']:.2f}" if "ms" in a and "ms" in b else "-"
+
+
+def _cell(t: dict) -> str:
+    return f"{t['ms']:.1f}" if "ms" in t else "error"
+
+
+def print_header() -> None:
+    print(f"{'shape':44s} {'dense ms':>9s} {'direct ms':>10s} {'screen ms':>10s} {'dir/scr':>8s} "
+          f"{'dense/scr':>9s} {'retried':>8s} {'fallback':>8s}")
+
+
+def print_row(r: dict) -> None:
+    print(f"{r['shape']:44s} {_cell(r['dense']):>9s} {_cell(r['direct']):>10s} {_cell(r['screened']):>10s} "
+          f"{_ratio(r, 'direct', 'screened'):>8s} {_ratio(r, 'dense', 'screened'):>9s} "
+          f"{r['retried']:>8.2%} {r['fallback']:>8.2%}{'' if r['screened_calls'] else '  (not screenable)'}")
+    if "layer_direct" in r:
+        note = "" if r["layer_screened_calls"] else "  (the layer's gate never screened)"
+        print(f"{'  layer fwd+bwd ms, direct / screened':44s} {_cell(r['layer_direct']):>9s} "
+              f"{_cell(r['layer_screened']):>10s} {_ratio(r, 'layer_direct', 'layer_screened'):>19s}{note}")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench.gate_screen", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="gpt2,sweep-k,sweep-n",
+                   help="shape specs as in python -m bench (default: gpt2,sweep-k,sweep-n)")
+    p.add_argument("--tokens", type=positive_int, help="tokens T of every shape")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: the cores this process may use)")
+    p.add_argument("--reps", type=positive_int, help="timed calls per provider (default: about 1 s each)")
+    p.add_argument("--layer", action="store_true", help="also time a whole MxD layer's forward+backward")
+    p.add_argument("--out", help="write the rows as JSON to this file")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        shapes = S.resolve(S.split_specs(args.shapes), "cpu")
+    except ValueError as e:
+        raise SystemExit(f"--shapes: {e}") from None
+    if args.tokens:
+        shapes = [dataclasses.replace(s, T=args.tokens) for s in shapes]
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    cfg = T.TimingConfig.for_device(torch.device("cpu"), quick=False)
+    if args.reps:
+        cfg = T.TimingConfig(warmup_calls=1, min_reps=args.reps, max_reps=args.reps, target_time=0.0)
+    print(f"gate screening on {T.cpu_name()}, {torch.get_num_threads()} threads, fp32; bf16 screen sound: "
+          f"{sg.bf16_screen_sound()}, auto would screen: {sg.screening_supported()}")
+    print_header()
+    rows = []
+    for s in shapes:
+        row = gate_row(s, cfg)
+        if args.layer:
+            row.update(layer_row(s, cfg))
+        rows.append(row)
+        print_row(row)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"threads": torch.get_num_threads(), "versions": T.versions(), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
