@@ -6,9 +6,10 @@ MLP module receives) and y is the MLP's output. A forward hook on the MLP module
 forward pass is cut short right after that MLP, so the layers above it cost nothing.
 
 Text comes from files (plain text: one document per file; .jsonl: one document per line, its "text"
-field) or from a Hugging Face `datasets` dataset read as a stream (mxd_fast.train.corpus), is tokenised document by document, joined with the end-of-text token and cut into contexts of
-a fixed length. `ActivationBuffer` keeps a pool of harvested rows, shuffles it and refills it on the fly.
-Everything here is deterministic given the seed and resumable (state_dict / load_state_dict), and every
+field) or from a Hugging Face `datasets` dataset read as a stream (mxd_fast.train.corpus), is tokenised
+document by document, joined with the end-of-text token and cut into contexts of a fixed length.
+`ActivationBuffer` keeps a pool of harvested rows, shuffles it and refills it on the fly. Everything here
+is deterministic given the seed and resumable (state_dict / load_state_dict), and every
 distributed rank reads its own share of the documents.
 
 transformers and huggingface_hub are imported only by the functions that load a model.

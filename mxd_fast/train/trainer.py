@@ -173,11 +173,14 @@ class Trainer:
             raise SystemExit(f"--text: no training documents in {self.corpus} ("
                              + ("no row with text in the column" if isinstance(docs, StreamedCorpus) else
                                 f"empty files, or no {'/'.join(D.TEXT_SUFFIXES)} files in a folder") + ")")
-        counts = [f"{len(d)} {what}" if isinstance(d, list) else f"{what} read as a stream"
-                  for d, what in ((self.train_docs, "training"), (self.eval_docs, "held-out"))]
-        self.log(f"corpus: {self.corpus}; {' and '.join(counts)} documents"
-                 + ("" if a.eval_text or isinstance(docs, list) else
-                    f" (held out: those whose text hash falls in the lowest {EVAL_FRACTION:.0%})"))
+        if isinstance(self.train_docs, list) and isinstance(self.eval_docs, list):
+            counts = f"{len(self.train_docs)} training and {len(self.eval_docs)} held-out documents"
+        else:
+            counts = "; ".join(f"{len(d)} {what} documents" if isinstance(d, list) else
+                               f"{what} documents read as a stream"
+                               for d, what in ((self.train_docs, "training"), (self.eval_docs, "held-out")))
+        self.log(f"corpus: {self.corpus}; {counts}" + ("" if a.eval_text or isinstance(docs, list) else
+                 f" (held out: those whose text hash falls in the lowest {EVAL_FRACTION:.0%})"))
 
     def _load_model(self) -> None:
         """The language model, --context and --layer checked against it, and its MLP's dimensions."""
