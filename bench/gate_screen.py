@@ -10,7 +10,7 @@ Per shape, the gate forward of three providers, timed in turns on the same input
 Then the ratios direct / screened and dense / screened and the share of rows the screened calls retried
 with more candidates or recomputed by the direct path. --layer adds a whole MxD layer's forward+backward
 (torch backend) with MXD_FAST_EXACT_GATE=direct vs screened; a "screened" layer whose gate never
-screened (the torch backend not calling the screen) is flagged.
+screened (inputs the screen does not take) is flagged.
 
 Inputs are random (x ~ N(0, 1), gate rows N(0, 1/d), bias N(0, 0.01)): a trained gate's fallback rate
 may differ. Default shapes: GPT-2's (768 x 21490, K = 32) and the CPU sweeps over K and N of the main
@@ -28,10 +28,7 @@ import torch
 
 import mxd_fast
 from mxd_fast._torch import screened_gate as sg
-try:
-    from mxd_fast._torch.topk_gate import topk_gate_torch_forward
-except ImportError:   # before the torch backend's move to mxd_fast/_torch
-    from mxd_fast.ops.topk_gate import topk_gate_torch_forward
+from mxd_fast._torch.topk_gate import topk_gate_direct_forward
 
 from . import shapes as S
 from . import timing as T
@@ -54,7 +51,7 @@ def _with_mode(mode: str, fn, *args):
 
 def direct(x, w, b, k):
     """The torch backend's forward with screening off."""
-    return _with_mode("direct", topk_gate_torch_forward, x, w, b, k)
+    return topk_gate_direct_forward(x, w, b, k)
 
 
 def dense(x, w, b, k):

@@ -7,10 +7,8 @@ import pytest
 import torch
 
 from mxd_fast._torch import screened_gate as sg
-try:
-    from mxd_fast._torch.topk_gate import topk_gate_torch_forward
-except ImportError:   # before the torch backend's move to mxd_fast/_torch
-    from mxd_fast.ops.topk_gate import topk_gate_torch_forward
+import mxd_fast
+from mxd_fast._torch.topk_gate import topk_gate_direct_forward
 
 needs_bf16 = pytest.mark.skipif(not sg.bf16_screen_sound(),
                                 reason="the bf16 GEMM here fails the screen's self-check")
@@ -31,9 +29,7 @@ class Direct:
 
     def __call__(self, x, weight, bias, k):
         self.rows += x.shape[0]
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv(sg.ENV_VAR, "direct")
-            return topk_gate_torch_forward(x, weight, bias, k)
+        return topk_gate_direct_forward(x, weight, bias, k)
 
 
 def _inputs(B, I, N, seed=0, bias=True, scale=1.0):
@@ -550,3 +546,27 @@ def test_counters_accumulate_and_reset():
     assert sg.screen_stats()["calls_direct"] == 1
     sg.reset_screen_stats()
     assert all(v == 0 for v in sg.screen_stats().values())
+
+
+# ---- through the op --------------------------------------------------------------------------
+
+@needs_bf16
+def test_the_op_screens_on_the_torch_backend(monkeypatch):
+    """mxd_fast.topk_gate on the torch backend screens where MXD_FAST_EXACT_GATE says so; the backward
+    pass sees the same values and indices either way."""
+    x, w, b = _inputs(40, 33, 500, seed=15)
+    x = x.reshape(4, 10, 33)
+    results = {}
+    for mode in ("direct", "screened"):
+        monkeypatch.setenv(sg.ENV_VAR, mode)
+        sg.reset_screen_stats()
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        with mxd_fast.use_backend("torch"):
+            values, indices = mxd_fast.topk_gate(xs, ws, bs, 7)
+            (values * torch.arange(7.0)).sum().backward()
+        assert sg.screen_stats()["calls"] == (mode == "screened")
+        _check_exact(x.reshape(40, 33), w, b, 7, values.detach().reshape(40, 7), indices.reshape(40, 7))
+        results[mode] = (values.detach(), indices, xs.grad, ws.grad, bs.grad)
+    assert torch.equal(results["direct"][1], results["screened"][1])      # no ties in random data
+    for got, want in zip(results["screened"], results["direct"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

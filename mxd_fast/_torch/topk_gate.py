@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .._utils import relu_masked
-from . import sparse
+from . import screened_gate, sparse
 
 # Logits of at most this many elements exist at once.
 _TILE_ELEMENTS = 1 << 22
@@ -26,7 +26,14 @@ def _merge(run_v, run_i, v, i, k):
 
 
 def topk_gate_torch_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int):
-    """(values [B, k] sorted descending, indices [B, k] int64) of relu(x @ weight.T + bias)."""
+    """(values [B, k] sorted descending, indices [B, k] int64) of relu(x @ weight.T + bias): screened by
+    a bf16 GEMM with certified rescoring where MXD_FAST_EXACT_GATE and the machine allow it (fp32 on the
+    CPU; screened_gate.py), else the direct forward. The same selection either way, up to ties."""
+    return screened_gate.topk_gate_forward(x, weight, bias, k, topk_gate_direct_forward)
+
+
+def topk_gate_direct_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int):
+    """The direct forward: every logit in the inputs' dtype, tile by tile, into a running top-k."""
     B = x.shape[0]
     N = weight.shape[0]
     values = torch.empty(B, k, dtype=x.dtype, device=x.device)
