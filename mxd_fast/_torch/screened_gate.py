@@ -93,8 +93,10 @@ def margin(k: int, n_cols: int) -> int:
     """m: the candidates beyond k that each row rescores first (k + 3m for a row left uncertified).
     The experts a row needs grow with the bound's width relative to the spread of the logits (about
     0.1 sqrt(I / 768) standard deviations) and with the density of logits near the k-th (about as
-    k^0.75): with this m, 0-10% of the rows of random and structured test gates at I = 768 and 2048
-    needed the second round, none the direct path."""
+    k^0.75). With this m, on random and structured synthetic gates (Gaussian, anisotropic inputs with
+    outlier dimensions, clustered inputs with aligned gate rows, low-rank inputs, spread gate norms) at
+    I = 768, N = 21490 and I = 2048, N = 57330, k = 32 and 128: 0-4% of the rows needed the second
+    round and none the direct path. No trained gate was at hand to measure."""
     m = 2.0 * k ** 0.75 * math.sqrt(max(n_cols, 1) / 768)
     return max(16, -(-math.ceil(m) // 8) * 8)
 
