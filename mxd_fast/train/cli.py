@@ -180,12 +180,13 @@ def _run_options(g) -> None:
 
 def _logging_options(g) -> None:
     a = g.add_argument
-    a("--log", action="append", default=None, metavar="{" + ",".join(LOGGERS) + "}", help="also write the "
-      "training curves (each logging window's loss, nmse, l0, dead fraction, lr, tokens, tokens/s and firing "
-      "frequencies; the final metrics as final/NAME) for: tensorboard (RUN/tensorboard/, `tensorboard --logdir "
-      "RUN`), wandb (Weights & Biases, files in RUN/wandb/; WANDB_MODE=offline works without a network or an "
-      "account, `wandb sync` uploads later), csv (RUN/metrics.csv, one row per window); may be given several "
-      "times or comma-separated; rank 0 logs (default: none, besides history.json and the log lines)")
+    a("--log", "--report-to", dest="log", action="append", default=None, metavar="{" + ",".join(LOGGERS) + "}",
+      help="also write the training curves (each logging window's loss, nmse, l0, dead fraction, lr, tokens, "
+      "tokens/s and firing frequencies; the final metrics as final/NAME) for: tensorboard (RUN/tensorboard/, "
+      "`tensorboard --logdir RUN`), wandb (Weights & Biases, files in RUN/wandb/; WANDB_MODE=offline works "
+      "without a network or an account, `wandb sync` uploads later), csv (RUN/metrics.csv, one row per window); "
+      "may be given several times or comma-separated; rank 0 logs. Under torchrun spell it --report-to: torchrun "
+      "reads --log as its own --log-dir (default: none, besides history.json and the log lines)")
     a("--wandb-project", default=None, help=f"wandb project of --log wandb (default: {DEFAULT_WANDB_PROJECT})")
     a("--wandb-name", default=None, help="wandb run name of --log wandb (default: the name of the --out folder)")
 

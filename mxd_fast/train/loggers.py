@@ -60,7 +60,7 @@ class CsvLogger:
 
     def __init__(self, out: Path, history: Sequence[dict]):
         self.file = open(Path(out) / CSV_FILE, "w", newline="", encoding="utf-8")
-        self.writer = csv.DictWriter(self.file, WINDOW_KEYS, extrasaction="ignore")
+        self.writer = csv.DictWriter(self.file, WINDOW_KEYS, extrasaction="ignore", lineterminator="\n")
         self.writer.writeheader()
         self.writer.writerows(history)
         self.file.flush()
