@@ -1,5 +1,6 @@
 """Torch backend of gather_combine: an embedding bag forward; a K-sparse row scatter (dweight) and
-gathered dot products (dvalues) backward. Selections outside [0, N) contribute zero."""
+gathered dot products (dvalues) backward, both over the selections grouped by row on the CPU.
+Selections outside [0, N) contribute zero."""
 from __future__ import annotations
 
 from torch import Tensor
@@ -15,6 +16,11 @@ def gather_combine_torch_forward(weight: Tensor, values: Tensor, indices: Tensor
 def gather_combine_torch_backward(grad_y, weight, values, indices, need_weight: bool, need_values: bool,
                                   deterministic: bool):
     values, indices, valid = sparse.in_range(values, indices, weight.shape[0])
-    dweight = sparse.scatter_rows(indices, values, grad_y, weight.shape[0], deterministic) if need_weight else None
-    dvalues = sparse.gathered_dot(weight, indices, grad_y).where(valid, 0) if need_values else None
+    # on the CPU both products work on the selections grouped by row: group them once
+    rows = sparse.row_groups(indices, weight.shape[0]) if grad_y.device.type == "cpu" and indices.numel() else None
+    dweight = (sparse.scatter_rows(indices, values, grad_y, weight.shape[0], deterministic, rows=rows)
+               if need_weight else None)
+    dvalues = sparse.gathered_dot(weight, indices, grad_y, rows=rows) if need_values else None
+    if dvalues is not None and valid.dim() > 0:   # (valid is a scalar True when every index is in range)
+        dvalues = dvalues.where(valid, 0)
     return dweight, dvalues

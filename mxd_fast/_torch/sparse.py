@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,12 @@ def in_range(coeffs: torch.Tensor, indices: torch.Tensor, n_rows: int):
     """(coeffs, indices, valid) with each selection outside [0, n_rows) moved to row 0 with coefficient
     0. Such indices reach the kernels where the ops skip their range check (CUDA, after the first
     call), and ATen's gathers and scatters would fault on them; this way they contribute zero
-    (unless row 0 holds Inf or NaN: the Triton and CUDA kernels never read such a row at all)."""
+    (unless row 0 holds Inf or NaN: the Triton and CUDA kernels never read such a row at all).
+    CPU: when every index is in range (as the ops check there), the inputs themselves and a scalar True."""
+    if indices.device.type == "cpu" and indices.numel() > 0:
+        lo, hi = torch.aminmax(indices)
+        if int(lo) >= 0 and int(hi) < n_rows:
+            return coeffs, indices, torch.ones((), dtype=torch.bool)
     valid = (indices >= 0) & (indices < n_rows)
     return torch.where(valid, coeffs, 0), torch.where(valid, indices, 0), valid
 
@@ -38,9 +44,32 @@ def _csr(crow, col, val, size):
         return torch.sparse_csr_tensor(crow, col, val, size=size, check_invariants=False)
 
 
-def gathered_dot(table: torch.Tensor, indices: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    """out[b, j] = <dense[b], table[indices[b, j]]>. [B, K] -> [B, K]: the product dense @ table.T
-    sampled at the K selected entries of each row (a CSR-masked GEMM)."""
+class RowGroups(NamedTuple):
+    """The B*K selections of a [B, K] index tensor grouped by the row they select: entry e (of B*K) is
+    selection order[e] of the flat [B*K] selections, made by token tokens[e]; row n's entries are
+    crow[n]:crow[n+1], in token order (a stable sort), so that sums over them are reproducible."""
+    order: torch.Tensor
+    crow: torch.Tensor
+    tokens: torch.Tensor
+
+
+def row_groups(indices: torch.Tensor, n_rows: int) -> RowGroups:
+    """The selections of `indices` ([B, K], in [0, n_rows)) grouped by row: the CSR structure of the
+    [n_rows, B] selection matrix (one entry per selection, repeats kept)."""
+    K = indices.shape[1]
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=flat.device)
+    torch.cumsum(torch.bincount(flat, minlength=n_rows), 0, out=crow[1:])
+    return RowGroups(order, crow, torch.div(order, K, rounding_mode="floor"))
+
+
+def gathered_dot(table: torch.Tensor, indices: torch.Tensor, dense: torch.Tensor,
+                 rows: RowGroups | None = None) -> torch.Tensor:
+    """out[b, j] = <dense[b], table[indices[b, j]]>. [B, K] -> [B, K]: the product table @ dense.T
+    sampled at the selected entries (a CSR-masked GEMM). CPU: the mask is row-grouped ([n_rows, B],
+    `rows` when given), so each selected table row is read once, in order, rather than once per
+    selection; each entry is one dot product (deterministic)."""
     B, K = indices.shape
     if B == 0 or table.shape[1] == 0:
         return dense.new_zeros(B, K)
@@ -50,10 +79,12 @@ def gathered_dot(table: torch.Tensor, indices: torch.Tensor, dense: torch.Tensor
     if K > table.shape[0]:
         # A row repeats an index; ATen's sampled_addmm refuses more entries than its dense size.
         return _gathered_dot_chunked(table.to(dtype), indices, dense.to(dtype)).to(dense.dtype)
-    crow = torch.arange(0, B * K + 1, K, device=indices.device)
-    mask = _csr(crow, indices.reshape(-1), torch.zeros(B * K, dtype=dtype), (B, table.shape[0]))
-    out = torch.sparse.sampled_addmm(mask, dense.to(dtype).contiguous(), table.to(dtype).T, beta=0.0)
-    return out.values().reshape(B, K).to(dense.dtype)
+    rows = rows if rows is not None else row_groups(indices, table.shape[0])
+    mask = _csr(rows.crow, rows.tokens, torch.zeros(B * K, dtype=dtype), (table.shape[0], B))
+    grouped = torch.sparse.sampled_addmm(mask, table.to(dtype), dense.to(dtype).T, beta=0.0).values()
+    out = torch.empty(B, K, dtype=dtype)
+    out.view(-1)[rows.order] = grouped
+    return out.to(dense.dtype)
 
 
 def _gathered_dot_chunked(table: torch.Tensor, indices: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
@@ -68,27 +99,26 @@ def _gathered_dot_chunked(table: torch.Tensor, indices: torch.Tensor, dense: tor
 
 
 def scatter_rows(indices: torch.Tensor, coeffs: torch.Tensor, dense: torch.Tensor, n_rows: int,
-                 deterministic: bool = True) -> torch.Tensor:
+                 deterministic: bool = True, rows: RowGroups | None = None) -> torch.Tensor:
     """out[n] = sum_{(b, j): indices[b, j] = n} coeffs[b, j] * dense[b]: the K-sparse row update of
-    a [n_rows, D] weight gradient. CPU: a CSR [n_rows, B] x [B, D] product (deterministic); other
-    devices: chunks of token contributions added with index_put_(accumulate=True), whose CUDA kernel
-    sorts the indices and sums each row's contributions in order (deterministic), or with atomic
-    index_add_ (deterministic=False, faster)."""
+    a [n_rows, D] weight gradient. CPU: an embedding bag over dense's rows with one bag per output row
+    (the row-grouped selections, `rows` when given): each row is summed in token order by one thread
+    and written once (deterministic). Other devices: chunks of token contributions added with
+    index_put_(accumulate=True), whose CUDA kernel sorts the indices and sums each row's contributions
+    in order (deterministic), or with atomic index_add_ (deterministic=False, faster)."""
     B, K = indices.shape
     D = dense.shape[1]
     if B == 0 or D == 0:
         return dense.new_zeros(n_rows, D)
     if dense.device.type != "cpu":
         return _scatter_rows_chunked(indices, coeffs, dense, n_rows, deterministic)
-    flat = indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_rows)
-    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=flat.device)
-    torch.cumsum(counts, 0, out=crow[1:])
-    col = torch.div(order, K, rounding_mode="floor")
-    dtype = _sparse_dtype(dense.dtype)
-    sparse = _csr(crow, col, coeffs.reshape(-1)[order].to(dtype), (n_rows, B))
-    return torch.sparse.mm(sparse, dense.to(dtype).contiguous()).to(dense.dtype)
+    rows = rows if rows is not None else row_groups(indices, n_rows)
+    # ATen's bag kernel sums the half types in float32 (fbgemm's kernel), the others in their own
+    # dtype, and writes every bag (empty ones as zeros). Mixed dtypes compute in float32 or float64.
+    dtype = dense.dtype if coeffs.dtype == dense.dtype else _sparse_dtype(dense.dtype)
+    out = F.embedding_bag(rows.tokens, dense.to(dtype).contiguous(), rows.crow, mode="sum",
+                          per_sample_weights=coeffs.reshape(-1)[rows.order].to(dtype), include_last_offset=True)
+    return out.to(dense.dtype)
 
 
 def _scatter_rows_chunked(indices, coeffs, dense, n_rows, deterministic=True):
