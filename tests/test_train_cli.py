@@ -292,6 +292,19 @@ def test_a_failed_start_leaves_no_empty_run_folder(tiny, tmp_path):
     assert empty.is_dir()   # it was there before the run
 
 
+def test_a_folder_holding_a_run_is_refused_in_the_words_the_makefile_looks_for(tmp_path):
+    """`make train` prints how to --overwrite or --resume when the trainer's stderr says the folder "holds a run"."""
+    assert 'grep -q "holds a run"' in (REPO / "Makefile").read_text()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint-rank0.pt").write_bytes(b"")   # a stopped run; refused before anything is read
+    proc = _trainer(["--out", str(out), "--device", "cpu"])
+    assert proc.returncode == 1
+    assert f"--out {out} holds a run (checkpoint-rank0.pt): --resume it, choose another --out, or --overwrite it" \
+        in proc.stderr, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-rank0.pt"]
+
+
 @pytest.fixture
 def unreachable_hub():
     """(URL, connections): a server that closes every connection at once, as a Hub that cannot be reached,

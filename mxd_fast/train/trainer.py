@@ -117,8 +117,9 @@ class Trainer:
             self.resume_state = load_resume_state(a, self.out, self.ckpt_path, self.steps, self.world, self.device)
         self.old_run = [] if a.resume else run_files(self.out)   # removed once every check has passed
         if self.old_run and not a.overwrite:
-            raise SystemExit(f"--out {self.out} holds a run ({', '.join(p.name for p in self.old_run)}): --resume "
-                             "it, choose another --out, or --overwrite it")
+            names = ", ".join(str(p.relative_to(self.out)) for p in self.old_run)
+            raise SystemExit(f"--out {self.out} holds a run ({names}): --resume it, choose another --out, or "
+                             "--overwrite it")
 
     def _locate_model(self) -> None:
         """Where the model loads from, settled before anything is read or written: a Hub name that is neither a
