@@ -123,12 +123,12 @@ for call in (lambda: T.save_layer(layer, {str(tmp_path / 'run')!r}), lambda: T.l
 
 
 def test_import_mxd_fast_leaves_the_trainer_and_its_packages_out():
+    heavy = ("transformers", "safetensors", "matplotlib", "huggingface_hub", "datasets", "tensorboard", "wandb")
     proc = _python("import sys, mxd_fast\n"
                    "print(sorted(m for m in sys.modules if m.startswith('mxd_fast.train')"
-                   " or m.split('.')[0] in ('transformers', 'safetensors', 'matplotlib', 'huggingface_hub')))\n"
-                   "import mxd_fast.harvest, mxd_fast.evaluate, mxd_fast.train\n"
-                   "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'safetensors', "
-                   "'matplotlib', 'huggingface_hub')))")
+                   f" or m.split('.')[0] in {heavy!r}))\n"
+                   "import mxd_fast.harvest, mxd_fast.evaluate, mxd_fast.train, mxd_fast.train.corpus\n"
+                   f"print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r}))")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["[]", "[]"]
 

@@ -172,12 +172,37 @@ def _finished_wandb_records(run_file: Path, timeout: float = 60.0) -> list:
         time.sleep(0.2)
 
 
-def test_an_offline_wandb_run_holds_each_window_and_the_final_metrics(tiny, tmp_path, monkeypatch):
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """wandb without a network or an account, its files in tmp_path."""
     pytest.importorskip("wandb")
     for name, value in (("WANDB_MODE", "offline"), ("WANDB_DIR", tmp_path / "wandb-dir"), ("WANDB_SILENT", "true"),
                         ("WANDB_CACHE_DIR", tmp_path / "cache"), ("WANDB_CONFIG_DIR", tmp_path / "config"),
                         ("WANDB_DATA_DIR", tmp_path / "data"), ("WANDB_CONSOLE", "off")):
         monkeypatch.setenv(name, str(value))
+
+
+def _logged_steps(run_file: Path) -> dict:
+    """{step: {key: value}} of the history records of an offline run (a step logged in two calls may come as
+    one record or as two)."""
+    logged = {}
+    for record in _finished_wandb_records(run_file):
+        if record.WhichOneof("record_type") == "history":
+            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            logged.setdefault(items.pop("_step"), {}).update({k: v for k, v in items.items() if not k.startswith("_")})
+    return logged
+
+
+def test_a_resumed_run_continues_the_wandb_run_of_its_checkpoint(tiny, tmp_path, offline_wandb):
+    out = tmp_path / "run"
+    _run(tiny, out, "--log", "wandb", "--stop-after", "3")
+    _run(tiny, out, "--log", "wandb", "--resume")
+    runs = sorted(out.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 2 and runs[0].name == runs[1].name   # run-<id>.wandb: one id, synced as one run
+    assert sorted(_logged_steps(runs[0])) == [2] and sorted(_logged_steps(runs[1])) == [4, 6]
+
+
+def test_an_offline_wandb_run_holds_each_window_and_the_final_metrics(tiny, tmp_path, offline_wandb):
     out = tmp_path / "run"
     metrics = _run(tiny, out, "--log", "wandb", "--wandb-project", "tiny-project", "--wandb-name", "tiny-run")
     run_files = list(out.glob("wandb/offline-run-*/run-*.wandb"))
@@ -185,12 +210,7 @@ def test_an_offline_wandb_run_holds_each_window_and_the_final_metrics(tiny, tmp_
     records = _finished_wandb_records(run_files[0])
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert (run.project, run.display_name) == ("tiny-project", "tiny-run")
-    logged = {}
-    for record in records:
-        if record.WhichOneof("record_type") == "history":
-            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-            step = items.pop("_step")   # a step logged in two calls may come as one record or as two
-            logged.setdefault(step, {}).update({k: v for k, v in items.items() if not k.startswith("_")})
+    logged = _logged_steps(run_files[0])
     history = _history(out)
     for record in history:
         assert {k: v for k, v in logged[record["step"]].items() if k.startswith("train/")} == \
