@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..backend import unavailable_reason, use_backend
-from ..module import ACTIVATIONS, MxD
+from ..module import ACTIVATIONS
 from . import data as D
 from . import layer_io
 from .checkpoint import (FIRING_FILE, HISTORY_FILE, METRICS_FILE, PLOT_FILE, atomic_save, checkpoint_path,
