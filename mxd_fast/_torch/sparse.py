@@ -83,7 +83,7 @@ def gathered_dot(table: torch.Tensor, indices: torch.Tensor, dense: torch.Tensor
     mask = _csr(rows.crow, rows.tokens, torch.zeros(B * K, dtype=dtype), (table.shape[0], B))
     grouped = torch.sparse.sampled_addmm(mask, table.to(dtype), dense.to(dtype).T, beta=0.0).values()
     out = torch.empty(B, K, dtype=dtype)
-    out.view(-1)[rows.order] = grouped
+    out.view(-1).scatter_(0, rows.order, grouped)   # scatter_, not indexing: no thread team at small sizes
     return out.to(dense.dtype)
 
 
@@ -117,7 +117,8 @@ def scatter_rows(indices: torch.Tensor, coeffs: torch.Tensor, dense: torch.Tenso
     # dtype, and writes every bag (empty ones as zeros). Mixed dtypes compute in float32 or float64.
     dtype = dense.dtype if coeffs.dtype == dense.dtype else _sparse_dtype(dense.dtype)
     out = F.embedding_bag(rows.tokens, dense.to(dtype).contiguous(), rows.crow, mode="sum",
-                          per_sample_weights=coeffs.reshape(-1)[rows.order].to(dtype), include_last_offset=True)
+                          per_sample_weights=coeffs.reshape(-1).index_select(0, rows.order).to(dtype),
+                          include_last_offset=True)
     return out.to(dense.dtype)
 
 
