@@ -16,10 +16,48 @@ from .hub import HubMixin
 from .ops.mxd_decode import mxd_decode
 from .ops.topk_gate import topk_gate
 
+def gelu_tanh(t: Tensor) -> Tensor:
+    """torch's tanh approximation of GELU (transformers' gelu_pytorch_tanh)."""
+    return F.gelu(t, approximate="tanh")
+
+
+def gelu_new(t: Tensor) -> Tensor:
+    """The tanh approximation of GELU written out, as transformers' gelu_new (GPT-2) computes it; not
+    bitwise equal to gelu_tanh."""
+    return 0.5 * t * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (t + 0.044715 * torch.pow(t, 3.0))))
+
+
+def gelu_fast(t: Tensor) -> Tensor:
+    """transformers' gelu_fast: the tanh approximation with the constant 0.7978845608, in its order."""
+    return 0.5 * t * (1.0 + torch.tanh(t * 0.7978845608 * (1.0 + 0.044715 * t * t)))
+
+
+def gelu_bloom(t: Tensor) -> Tensor:
+    """BLOOM's GELU (transformers' bloom_gelu_forward): the tanh approximation with the constant 0.79788456."""
+    return t * 0.5 * (1.0 + torch.tanh(0.79788456 * t * (1 + 0.044715 * t * t)))
+
+
+def quick_gelu(t: Tensor) -> Tensor:
+    """transformers' quick_gelu: t * sigmoid(1.702 t)."""
+    return t * torch.sigmoid(1.702 * t)
+
+
+def relu2(t: Tensor) -> Tensor:
+    """Squared ReLU (transformers' relu2)."""
+    return torch.square(F.relu(t))
+
+
+# Each is computed exactly as the model code it stands for (transformers.activations), so a layer trained
+# for a model's MLP applies the very function that MLP applies.
 ACTIVATIONS = {
     "relu": F.relu,
     "gelu": F.gelu,
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "gelu_tanh": gelu_tanh,
+    "gelu_new": gelu_new,
+    "gelu_fast": gelu_fast,
+    "gelu_bloom": gelu_bloom,
+    "quick_gelu": quick_gelu,
+    "relu2": relu2,
     "silu": F.silu,
     "sigmoid": torch.sigmoid,
 }

