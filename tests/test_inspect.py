@@ -139,24 +139,35 @@ def test_missing_packages_are_one_line_naming_the_extra(monkeypatch, capsys):
 # ---- a report on the embedded model, in a browser ----------------------------------------------
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    """(page path, page data) of a report of a tiny MxD at block 6 of the embedded model."""
-    from mxd_fast.train.data import embedded_model_path
+def embedded():
+    from mxd_fast.train.data import embedded_model_path, load_model
     try:
         embedded_model_path()
     except FileNotFoundError as err:
         pytest.skip(str(err))
     pytest.importorskip("gguf")
-    folder = tmp_path_factory.mktemp("inspect")
+    return load_model()
+
+
+def _write_report(embedded, folder: Path, layer, options: list) -> tuple:
+    """(page path, page text, page data) of a report of `layer` at block 6 of the embedded model."""
     text = folder / "held.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. Python reads the file <tag> & more.\n" * 30)
-    run = _run_folder(folder / "mxd", _tiny_mxd())
-    path = R.run([run, "--text", str(text), "--eval-tokens", "512", "--steer-top", "2", "--experts", "7",
-                  "--tokens", "4", "--contexts", "3"])
+    run = _run_folder(folder / "run", layer)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(R, "load_model", lambda name, device="cpu": embedded)   # the module's model, not loaded again
+        path = R.run([run, "--text", str(text), "--eval-tokens", "512", "--tokens", "4", "--contexts", "3", *options])
     page = path.read_text(encoding="utf-8")
     data = json.loads(re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page,
                                 re.S).group(1))
     return path, page, data
+
+
+@pytest.fixture(scope="module")
+def report(embedded, tmp_path_factory):
+    """(page path, page text, page data) of a report of a tiny MxD at block 6 of the embedded model."""
+    return _write_report(embedded, tmp_path_factory.mktemp("inspect"), _tiny_mxd(),
+                         ["--steer-top", "2", "--experts", "7"])
 
 
 def test_report_holds_every_expert(report):
@@ -243,5 +254,24 @@ def test_browser_reports_a_script_error_in_the_page(report, tmp_path):
     broken.write_text(page.replace('"experts":[', '"experts":7,"x":[', 1), encoding="utf-8")
     dom, log = _dump_dom(f"{broken.resolve().as_uri()}#expert=1", tmp_path)
     assert re.search(r'<span id="status">error</span>', dom)
-    assert re.search(r'<pre id="errors">error: .+</pre>', dom)
+    assert re.search(r'<pre id="errors">error: [^<]+</pre>', dom)
     assert _console_errors(log), "Chromium's log shows no console error: the console check could not fail"
+
+
+def test_a_transcoder_report_reads_its_latents(embedded, tmp_path):
+    from mxd_fast.train.steer import TokenText, promoted_tokens
+    model, tokenizer = embedded
+    torch.manual_seed(1)
+    layer = mxd_fast.TopKTranscoder(576, 20, 576, 4)
+    path, page, data = _write_report(embedded, tmp_path, layer, ["--steer-top", "0"])
+    assert data["arch"] == "transcoder" and [e["id"] for e in data["experts"]] == list(range(20))
+    text = TokenText(tokenizer)
+    expected = promoted_tokens(model, layer.decoder, 8)          # a latent writes its decoder row
+    for e in data["experts"]:
+        assert [data["tokens"][t] for t in e["promoted"]] == [text(t) for t in expected[e["id"]].tolist()]
+        assert e["steered"] is None
+    assert 'Unsteered generations</h2><p class="muted">none generated</p>' in page
+    latent = next(e["id"] for e in data["experts"] if e["contexts"])
+    dom, log = _dump_dom(f"{path.resolve().as_uri()}#expert={latent}", tmp_path)
+    assert f"Latent {latent}</h2>" in dom and re.search(r'<span id="status">ready: expert', dom)
+    assert re.search(r'<pre id="errors" hidden=""></pre>', dom) and _console_errors(log) == []

@@ -20,6 +20,19 @@ from mxd_fast.train import steer as S  # noqa: E402
 from mxd_fast.train.generation import mean_pairwise_cosine  # noqa: E402
 
 
+def test_importing_the_entry_point_keeps_mxd_fast_steer_steering():
+    assert mxd_fast.steer is entry                       # the import bound the module to the function's name
+    layer = mxd_fast.MxD(8, 16, 8, 12, 2)
+    seen = []
+    with mxd_fast.steer(layer, expert=3, scale=5.0):
+        with layer.hook_experts.register_forward_hook(lambda module, args, c: seen.append(c)):
+            layer(torch.randn(4, 8))
+    assert ((seen[0].indices == 3) & (seen[0].values >= 5.0)).any(dim=-1).all()
+    with pytest.raises(ValueError, match="expert must satisfy"):
+        with mxd_fast.steer(layer, expert=12, scale=1.0):
+            pass
+
+
 # ---- scores with a known answer ----------------------------------------------------------------
 
 def test_coherence_of_identical_generations_is_one():

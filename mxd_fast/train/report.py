@@ -31,8 +31,9 @@ from .progress import progress_bar
 from .report_page import render_page
 from .run_folders import (RunFolder, context_length, firing_counts, held_out_documents, read_run_folder,
                           trained_tokens)
-from .steer import (SCALE_MULTIPLE, LayerMeans, Sampling, TokenText, coefficients, expert_directions, layer_width,
-                    parse_expert_ids, parse_scale, prompt_token_ids, promoted_tokens, steered_generations)
+from .steer import (SCALE_MULTIPLE, LayerMeans, Sampling, TokenText, coefficients, expert_directions, frequencies,
+                    layer_width, parse_expert_ids, parse_scale, prompt_token_ids, promoted_tokens,
+                    steered_generations)
 from .top_contexts import TopContexts
 
 REPORT_FILE = "index.html"
@@ -234,7 +235,6 @@ def read_held_out(model, tokenizer, plan: dict, layer, args) -> tuple[TopContext
 
 def build_report(model, tokenizer, plan: dict, layer, args) -> str:
     """The page of the run's layer."""
-    from .steer import frequencies
     run = plan["run"]
     top, means, source = read_held_out(model, tokenizer, plan, layer, args)
     counts = firing_counts(run)
