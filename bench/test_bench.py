@@ -112,17 +112,21 @@ def test_gemm_provider_is_the_decoder_product(mode):
 
 
 GATHER_BASELINES = ("embedding_bag", "sparsify")
+# 33 selections of 6 rows, and of 400 (the torch backend's CPU backward goes by row, and by selection)
+GATHER_SHAPES = {"by_row": S.Shape("by_row", d=9, H=4, N=6, K=3, T=11),
+                 "by_selection": S.Shape("by_selection", d=9, H=4, N=400, K=3, T=11)}
 
 
-@pytest.mark.parametrize("provider", GATHER_BASELINES)
+@pytest.mark.parametrize("shape", GATHER_SHAPES)
+@pytest.mark.parametrize("provider", (*GATHER_BASELINES, "torch"))
 @pytest.mark.parametrize("mode", C.OP_MODES)
-def test_gather_combine_baselines_compute_the_op(provider, mode):
-    """The embedding-bag baselines time the whole op: y and its gradients in weight and values, within
-    the spec's tolerance of the reference (on inputs where tokens repeat experts and rows go unselected)."""
+def test_gather_combine_baselines_compute_the_op(provider, mode, shape):
+    """The embedding-bag baselines (and the torch backend beside them) time the whole op: y and its
+    gradients in weight and values, within the spec's tolerance of the reference (on inputs where tokens
+    repeat experts and rows go unselected)."""
     _skip_unavailable(provider)
     assert provider in C.all_providers("gather_combine") and provider not in C.PARTIAL_PROVIDERS + C.DENSE_PROVIDERS
-    shape = S.Shape("repeats", d=9, H=4, N=6, K=3, T=11)      # 33 selections of 6 rows
-    case = C.make_case("gather_combine", mode, provider, shape, CHECK_DTYPE, DEVICE)
+    case = C.make_case("gather_combine", mode, provider, GATHER_SHAPES[shape], CHECK_DTYPE, DEVICE)
     fn, inputs = case.build(copies=1)
     i = inputs[0]
     i["indices"][:, 1] = i["indices"][:, 0]                   # a token selects a row twice
@@ -137,6 +141,20 @@ def test_gather_combine_baselines_compute_the_op(provider, mode):
     assert len(got) == len(want)
     for k, (g, w) in enumerate(zip(got, want)):
         assert_close(g, w, SPECS["gather_combine"].tolerances[CHECK_DTYPE], f"{provider} {mode} output {k}")
+
+
+@pytest.mark.parametrize("shape", GATHER_SHAPES)
+def test_torch_gather_combine_backward_paths(shape):
+    """The shapes above take both CPU backward paths of the torch backend; each is bitwise reproducible
+    in float32."""
+    from mxd_fast._torch import sparse
+
+    s = GATHER_SHAPES[shape]
+    selections = torch.zeros(s.T, s.K, dtype=torch.int64)
+    assert sparse.by_selection(selections, s.N, torch.zeros(1)) == (shape == "by_selection")
+    fn, inputs = C.make_case("gather_combine", "fwd+bwd", "torch", s, torch.float32, DEVICE).build(copies=1)
+    first, second = fn(inputs[0]), fn(inputs[0])
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 def test_sparsify_provider_needs_sparsify(monkeypatch):

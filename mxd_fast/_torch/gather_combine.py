@@ -15,11 +15,13 @@ def gather_combine_torch_forward(weight: Tensor, values: Tensor, indices: Tensor
 
 def gather_combine_torch_backward(grad_y, weight, values, indices, need_weight: bool, need_values: bool,
                                   deterministic: bool):
-    values, indices, valid = sparse.in_range(values, indices, weight.shape[0])
-    # on the CPU both products work on the selections grouped by row: group them once
-    rows = sparse.row_groups(indices, weight.shape[0]) if grad_y.device.type == "cpu" and indices.numel() else None
-    dweight = (sparse.scatter_rows(indices, values, grad_y, weight.shape[0], deterministic, rows=rows)
-               if need_weight else None)
+    n = weight.shape[0]
+    values, indices, valid = sparse.in_range(values, indices, n)
+    # on the CPU both products work on the selections grouped by row (unless they go selection by selection):
+    # group them once
+    grouped = grad_y.device.type == "cpu" and indices.numel() > 0 and not sparse.by_selection(indices, n, grad_y)
+    rows = sparse.row_groups(indices, n) if grouped else None
+    dweight = sparse.scatter_rows(indices, values, grad_y, n, deterministic, rows=rows) if need_weight else None
     dvalues = sparse.gathered_dot(weight, indices, grad_y, rows=rows) if need_values else None
     if dvalues is not None and valid.dim() > 0:   # (valid is a scalar True when every index is in range)
         dvalues = dvalues.where(valid, 0)
