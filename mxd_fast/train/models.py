@@ -41,6 +41,8 @@ MLP_NAMES = {
     "lfm3": "feed_forward", "llama4": "feed_forward", "llama4_text": "feed_forward", "recurrent_gemma": "mlp_block",
     "granitemoe": "block_sparse_moe", "granitemoe_swa": "block_sparse_moe", "granitemoeshared": "block_sparse_moe",
     "granitemoehybrid": "block_sparse_moe", "nemotron_h": "mixer"}
+# Model types that run each block several times in one forward pass: an MLP has no one (input, output) per token.
+REUSED_BLOCKS = {"hrm_text": "its reasoning modules run their blocks several times per forward pass"}
 BLOCK_LIST_NAMES = ("layers", "h", "layer", "blocks", "block")
 CONFIG_ACTIVATION_KEYS = ("hidden_activation", "hidden_act", "activation_function", "ffn_act_fn", "activation")
 GATE_NAMES = ("gate_proj", "gate_up_proj", "w3", "wi_0", "gate")
@@ -187,14 +189,17 @@ class ComposedMLP(nn.Module):
         return self.last(self.act(self.first(x)))
 
 
-_COMPOSED: "weakref.WeakKeyDictionary[nn.Module, ComposedMLP]" = weakref.WeakKeyDictionary()
+# The ComposedMLP of an output map, held weakly both ways (a view alive somewhere is handed out again).
+_COMPOSED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 
 
 def _composed(first: nn.Module, act: nn.Module, last: nn.Module) -> ComposedMLP:
     """The one ComposedMLP of these parts (so that find_mlp and splice_layer hand out the same module)."""
-    view = _COMPOSED.get(last)
+    ref = _COMPOSED.get(last)
+    view = ref() if ref is not None else None
     if view is None or view.first is not first or view.act is not act:
-        view = _COMPOSED[last] = ComposedMLP(first, act, last)
+        view = ComposedMLP(first, act, last)
+        _COMPOSED[last] = weakref.ref(view)
     return view
 
 
@@ -256,7 +261,8 @@ class MLPSite:
     def activation(self) -> tuple[Optional[str], Optional[str]]:
         """(ACTIVATIONS key, None), or (None, why the MLP's activation has no exact MxD form)."""
         if self.act is None:
-            return None, f"no activation found in the MLP at {self.where}"
+            return None, (f"the MLP at {self.where} has no activation module or function attribute (it applies "
+                          "its activation inline), so there is none to compare with mxd_fast's")
         label = self.act_label if self.adapter.kind != "transformer_lens" else None   # not an ACT2FN name
         return identify_activation(self.act, label, self.adapter.device(), self.adapter.dtype())
 
@@ -322,8 +328,10 @@ class TransformersModel(ModelAdapter):
         super().__init__(model, module if module is not None else model)
         config = self.module.config
         self.config = config
-        getter = getattr(config, "get_text_config", None)
-        self.text_config = getter() if callable(getter) else config
+        try:
+            self.text_config = config.get_text_config()
+        except (AttributeError, ValueError):   # no text config of its own, or several (a text-to-audio model)
+            self.text_config = config
         self.model_type = getattr(self.text_config, "model_type", None) or getattr(config, "model_type", None)
         self.blocks_name, self.blocks = _find_blocks(self.module)
 
@@ -359,20 +367,45 @@ class TransformersModel(ModelAdapter):
             raise ValueError(f"no MLP module named '<blocks>.{layer}.{name}' in the model"
                              + (f" (it has {n} layers: 0 .. {n - 1})" if n else ""))
         block, where = self.blocks[layer], f"{self.blocks_name}.{layer}"
+        if self.model_type in REUSED_BLOCKS:
+            raise ValueError(f"{self.model_type}: {REUSED_BLOCKS[self.model_type]}, so the MLP at {where} has no one "
+                             "input and output per token to harvest, and replacing it changes every pass")
         label = next((getattr(self.text_config, k) for k in CONFIG_ACTIVATION_KEYS
                       if isinstance(getattr(self.text_config, k, None), str)), None)
         if hasattr(block, name):
-            return _module_site(self, layer, block, name, f"{where}.{name}", label)
-        if all(hasattr(block, a) for a in ("fc1", "activation_fn", "fc2")):
+            site = _module_site(self, layer, block, name, f"{where}.{name}", label)
+        elif all(hasattr(block, a) for a in ("fc1", "activation_fn", "fc2")):
             parts = ((block, "fc1"), (block, "activation_fn"), (block, "fc2"))
-            return _parts_site(self, layer, parts, f"{where}.{{fc1, activation_fn, fc2}}", label)
-        intermediate, output = getattr(block, "intermediate", None), getattr(block, "output", None)
-        if all(hasattr(intermediate, a) for a in ("dense", "intermediate_act_fn")) and hasattr(output, "dense"):
-            parts = ((intermediate, "dense"), (intermediate, "intermediate_act_fn"), (output, "dense"))
-            return _parts_site(self, layer, parts, f"{where}.{{intermediate, output}}", label)
-        children = ", ".join(n for n, _ in block.named_children())
-        raise ValueError(f"no MLP module named '<blocks>.{layer}.{name}' in the model (block {where} has: "
-                         f"{children})")
+            site = _parts_site(self, layer, parts, f"{where}.{{fc1, activation_fn, fc2}}", label)
+        elif _bert_parts(block) is not None:
+            site = _parts_site(self, layer, _bert_parts(block), f"{where}.{{intermediate, output}}", label)
+        else:
+            children = ", ".join(n for n, _ in block.named_children())
+            raise ValueError(f"no MLP module named '<blocks>.{layer}.{name}' in the model (block {where} has: "
+                             f"{children})")
+        _refuse_shared(self.blocks, layer, site)
+        return site
+
+
+def _bert_parts(block: nn.Module) -> Optional[tuple]:
+    """BERT's MLP: intermediate.dense -> intermediate.intermediate_act_fn -> output.dense (then output adds the
+    residual and normalises)."""
+    intermediate, output = getattr(block, "intermediate", None), getattr(block, "output", None)
+    if all(hasattr(intermediate, a) for a in ("dense", "intermediate_act_fn")) and hasattr(output, "dense"):
+        return (intermediate, "dense"), (intermediate, "intermediate_act_fn"), (output, "dense")
+    return None
+
+
+def _refuse_shared(blocks: nn.ModuleList, layer: int, site: MLPSite) -> None:
+    """ValueError when the MLP's module is also part of other blocks (Zamba's shared transformer): replacing
+    it would replace theirs too. A module a splice put there is not checked (it is taken out again)."""
+    last = site.read_points()[1]
+    if last in _REPLACED or site.is_replaced():
+        return
+    others = [i for i, block in enumerate(blocks) if i != layer and any(m is last for m in block.modules())]
+    if others:
+        raise ValueError(f"the MLP at {site.where} is shared with block(s) {others}: replacing it would replace "
+                         "theirs too")
 
 
 def _takes(function, name: str) -> bool:
@@ -501,6 +534,10 @@ def _module_site(adapter, layer: int, owner: nn.Module, attr: str, where: str, l
         _RESIDUAL_PARTS[mlp] = tuple(a for _, a in parts)
         return MLPSite(adapter, layer, where, d, hidden, glu, act, label, parts=parts)
     _check_once(mlp, where, lambda: _output_check(mlp, last, d))
+    sparsity = getattr(mlp, "activation_sparsity", 0.0)
+    if isinstance(sparsity, float) and sparsity > 0:   # Gemma 3n: a top-k by statistics before the activation
+        act = _Unmatched(f"{_activation_name(act)} of pre-activations sparsified to their top "
+                         f"{1 - sparsity:.0%} (activation_sparsity = {sparsity})")
     return MLPSite(adapter, layer, where, d, hidden, glu, act, label, slot=(owner, attr))
 
 
