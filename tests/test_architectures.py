@@ -281,7 +281,9 @@ def test_supported_architecture_is_read_spliced_and_trained_exactly(arch):
     clean, x_ref, y_ref = _hooked_reference(model, block, arch, ids)
     with H.Harvester(model, LAYER) as harvester:
         x, y = harvester.harvest(ids)
+        _, (x_full, y_full) = harvester.run_and_capture(ids)   # past the MLP too (Falcon adds to its output in place)
     assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    assert torch.equal(x_full, x) and torch.equal(y_full, y)
     assert x.shape == (ids.numel(), dims["d"]) and y.shape == x.shape
     _check_identity_splice(model, block, arch, ids, clean, x, y)
     _train_and_evaluate(model, dims, x, y, ids)
