@@ -56,15 +56,25 @@ class RowGroups(NamedTuple):
     tokens: torch.Tensor
 
 
-def row_groups(indices: torch.Tensor, n_rows: int) -> RowGroups:
-    """The selections of `indices` ([B, K], in [0, n_rows)) grouped by row: the CSR structure of the
-    [n_rows, B] selection matrix (one entry per selection, repeats kept)."""
+def row_groups(indices: torch.Tensor, n_rows: int) -> RowGroups | None:
+    """The selections of `indices` ([B, K], B*K >= 1) grouped by row: the CSR structure of the
+    [n_rows, B] selection matrix (one entry per selection, repeats kept). None when an index lies
+    outside [0, n_rows) (the sorted indices show it, at no extra pass)."""
     K = indices.shape[1]
-    flat = indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=flat.device)
-    torch.cumsum(torch.bincount(flat, minlength=n_rows), 0, out=crow[1:])
+    keys, order = torch.sort(indices.reshape(-1), stable=True)
+    if int(keys[0]) < 0 or int(keys[-1]) >= n_rows:
+        return None
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=keys.device)
+    torch.cumsum(torch.bincount(keys, minlength=n_rows), 0, out=crow[1:])
     return RowGroups(order, crow, torch.div(order, K, rounding_mode="floor"))
+
+
+def _groups(indices: torch.Tensor, n_rows: int, rows: RowGroups | None) -> RowGroups:
+    """`rows`, or the row groups of indices that the caller has brought into [0, n_rows)."""
+    rows = rows if rows is not None else row_groups(indices, n_rows)
+    if rows is None:
+        raise IndexError(f"indices outside [0, {n_rows}) reached the row products (in_range first)")
+    return rows
 
 
 def by_selection(indices: torch.Tensor, n_rows: int, dense: torch.Tensor) -> bool:
@@ -95,7 +105,7 @@ def gathered_dot(table: torch.Tensor, indices: torch.Tensor, dense: torch.Tensor
     if K > table.shape[0]:
         # A row repeats an index; ATen's sampled_addmm refuses more entries than its dense size.
         return _gathered_dot_chunked(table.to(dtype), indices, dense.to(dtype)).to(dense.dtype)
-    rows = rows if rows is not None else row_groups(indices, table.shape[0])
+    rows = _groups(indices, table.shape[0], rows)
     mask = _csr(rows.crow, rows.tokens, torch.zeros(B * K, dtype=dtype), (table.shape[0], B))
     grouped = torch.sparse.sampled_addmm(mask, table.to(dtype), dense.to(dtype).T, beta=0.0).values()
     out = torch.empty(B, K, dtype=dtype)
@@ -147,7 +157,7 @@ def scatter_rows(indices: torch.Tensor, coeffs: torch.Tensor, dense: torch.Tenso
         return _scatter_rows_chunked(indices, coeffs, dense, n_rows, deterministic)
     if by_selection(indices, n_rows, dense):
         return _scatter_rows_by_selection(indices, coeffs.to(dense.dtype), dense, n_rows)
-    rows = rows if rows is not None else row_groups(indices, n_rows)
+    rows = _groups(indices, n_rows, rows)
     # ATen's bag kernel sums the half types in float32 (fbgemm's kernel), the others in their own
     # dtype, and writes every bag (empty ones as zeros). Mixed dtypes compute in float32 or float64.
     dtype = dense.dtype if coeffs.dtype == dense.dtype else _sparse_dtype(dense.dtype)
