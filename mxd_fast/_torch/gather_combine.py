@@ -21,9 +21,9 @@ def gather_combine_torch_forward(weight: Tensor, values: Tensor, indices: Tensor
 def gather_combine_torch_backward(grad_y, weight, values, indices, need_weight: bool, need_values: bool,
                                   deterministic: bool):
     n = weight.shape[0]
-    # on the CPU both products work on the selections grouped by row (unless they go selection by selection):
-    # group them once; the grouping also shows whether every index is in range
-    grouped = grad_y.device.type == "cpu" and indices.numel() > 0 and not sparse.by_selection(indices, n, grad_y)
+    # on the CPU both products work on the selections grouped by row: group them once (the grouping also
+    # shows whether every index is in range)
+    grouped = grad_y.device.type == "cpu" and indices.numel() > 0
     rows = sparse.row_groups(indices, n) if grouped else None
     valid = None
     if rows is None:

@@ -10,9 +10,6 @@ import torch.nn.functional as F
 # Rows of a temporary [rows, K, D] gather kept under this many elements (4x that for the row scatter
 # off the CPU, where fewer, larger launches pay).
 _GATHER_BUDGET = 1 << 22
-# CPU, float32 and float64: with fewer selections than this per row of the table (B*K / n_rows), the
-# backward products go selection by selection (ATen's embedding-bag backward kernels) rather than by row.
-_FEW_PER_ROW = 0.3
 
 
 def in_range(coeffs: torch.Tensor, indices: torch.Tensor, n_rows: int):
@@ -77,30 +74,17 @@ def _groups(indices: torch.Tensor, n_rows: int, rows: RowGroups | None) -> RowGr
     return rows
 
 
-def by_selection(indices: torch.Tensor, n_rows: int, dense: torch.Tensor) -> bool:
-    """Whether the CPU backward products (scatter_rows, gathered_dot) take ATen's embedding-bag backward
-    kernels, selection by selection, rather than the row groups: with few selections per row most rows
-    go unselected, and work over every row (the groups, a gradient written row by row) costs more than
-    a zero fill. float32 and float64 only: the weight-gradient kernel adds the half types in their own
-    precision."""
-    return (dense.device.type == "cpu" and dense.dtype in (torch.float32, torch.float64)
-            and indices.numel() < _FEW_PER_ROW * n_rows)
-
-
 def gathered_dot(table: torch.Tensor, indices: torch.Tensor, dense: torch.Tensor,
                  rows: RowGroups | None = None) -> torch.Tensor:
     """out[b, j] = <dense[b], table[indices[b, j]]>. [B, K] -> [B, K]: the product table @ dense.T
     sampled at the selected entries (a CSR-masked GEMM). CPU: the mask is row-grouped ([n_rows, B],
     `rows` when given), so each selected table row is read once, in order, rather than once per
-    selection; with few selections per row (by_selection), ATen's per-sample-weight gradient of an
-    embedding bag. Each entry is one dot product (deterministic)."""
+    selection; each entry is one dot product (deterministic)."""
     B, K = indices.shape
     if B == 0 or table.shape[1] == 0:
         return dense.new_zeros(B, K)
     if dense.device.type != "cpu":
         return _gathered_dot_chunked(table, indices, dense)
-    if by_selection(indices, table.shape[0], dense):
-        return _gathered_dot_by_selection(table.to(dense.dtype), indices, dense)
     dtype = _sparse_dtype(dense.dtype)
     if K > table.shape[0]:
         # A row repeats an index; ATen's sampled_addmm refuses more entries than its dense size.
@@ -111,21 +95,6 @@ def gathered_dot(table: torch.Tensor, indices: torch.Tensor, dense: torch.Tensor
     out = torch.empty(B, K, dtype=dtype)
     out.view(-1).scatter_(0, rows.order, grouped)   # scatter_, not indexing: no thread team at small sizes
     return out.to(dense.dtype)
-
-
-def _gathered_dot_by_selection(table: torch.Tensor, indices: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    B, K = indices.shape
-    flat = indices.reshape(-1)
-    out = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        dense.contiguous(), table.contiguous(), flat, torch.arange(0, B * K, K, dtype=flat.dtype, device=flat.device),
-        _tokens(B, K, flat), 0, -1)
-    return out.view(B, K)
-
-
-def _tokens(B: int, K: int, like: torch.Tensor) -> torch.Tensor:
-    """The token of each of the B*K flat selections (ATen's offset2bag of one bag per token), in the
-    dtype of the indices `like`."""
-    return torch.arange(B, dtype=like.dtype, device=like.device).repeat_interleave(K)
 
 
 def _gathered_dot_chunked(table: torch.Tensor, indices: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
@@ -144,19 +113,15 @@ def scatter_rows(indices: torch.Tensor, coeffs: torch.Tensor, dense: torch.Tenso
     """out[n] = sum_{(b, j): indices[b, j] = n} coeffs[b, j] * dense[b]: the K-sparse row update of
     a [n_rows, D] weight gradient. CPU: an embedding bag over dense's rows with one bag per output row
     (the row-grouped selections, `rows` when given): each row is summed in token order by one thread
-    and written once; with few selections per row (by_selection), ATen's weight gradient of an
-    embedding bag: a zero fill, then each row's selections added in sorted order by one thread. Both
-    deterministic. Other devices: chunks of token contributions added with index_put_(accumulate=True),
-    whose CUDA kernel sorts the indices and sums each row's contributions in order (deterministic), or
-    with atomic index_add_ (deterministic=False, faster)."""
+    and written once (deterministic). Other devices: chunks of token contributions added with
+    index_put_(accumulate=True), whose CUDA kernel sorts the indices and sums each row's contributions
+    in order (deterministic), or with atomic index_add_ (deterministic=False, faster)."""
     B, K = indices.shape
     D = dense.shape[1]
     if B == 0 or D == 0:
         return dense.new_zeros(n_rows, D)
     if dense.device.type != "cpu":
         return _scatter_rows_chunked(indices, coeffs, dense, n_rows, deterministic)
-    if by_selection(indices, n_rows, dense):
-        return _scatter_rows_by_selection(indices, coeffs.to(dense.dtype), dense, n_rows)
     rows = _groups(indices, n_rows, rows)
     # ATen's bag kernel sums the half types in float32 (fbgemm's kernel), the others in their own
     # dtype, and writes every bag (empty ones as zeros). Mixed dtypes compute in float32 or float64.
@@ -165,15 +130,6 @@ def scatter_rows(indices: torch.Tensor, coeffs: torch.Tensor, dense: torch.Tenso
                           per_sample_weights=coeffs.reshape(-1).index_select(0, rows.order).to(dtype),
                           include_last_offset=True)
     return out.to(dense.dtype)
-
-
-def _scatter_rows_by_selection(indices, coeffs, dense, n_rows):
-    """ATen's embedding-bag weight gradient (one bag per token): it zero-fills [n_rows, D], sorts the
-    selections by row (deterministically) and adds each row's in that order, one thread a row."""
-    B, K = indices.shape
-    return torch.ops.aten._embedding_bag_dense_backward(
-        dense.contiguous(), indices.reshape(-1), _tokens(B, K, indices), indices.new_full((B,), K),
-        indices.new_empty(0), n_rows, False, 0, coeffs.reshape(-1).contiguous(), -1)
 
 
 def _scatter_rows_chunked(indices, coeffs, dense, n_rows, deterministic=True):
