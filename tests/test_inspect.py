@@ -4,6 +4,7 @@ browser (headless Chromium, Debian's `chromium` package)."""
 from __future__ import annotations
 
 import html
+import importlib.util
 import json
 import os
 import re
@@ -128,8 +129,8 @@ def test_command_line_refuses_bad_input_by_name(tmp_path, argv, message, capsys)
 
 
 def test_missing_packages_are_one_line_naming_the_extra(monkeypatch, capsys):
-    real = entry.importlib.util.find_spec
-    monkeypatch.setattr(entry.importlib.util, "find_spec",
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "gguf" else real(name, *a))
     assert entry.main(["somewhere"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -138,15 +139,6 @@ def test_missing_packages_are_one_line_naming_the_extra(monkeypatch, capsys):
 
 # ---- a report on the embedded model, in a browser ----------------------------------------------
 
-@pytest.fixture(scope="module")
-def embedded():
-    from mxd_fast.train.data import embedded_model_path, load_model
-    try:
-        embedded_model_path()
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
-    pytest.importorskip("gguf")
-    return load_model()
 
 
 def _write_report(embedded, folder: Path, layer, options: list) -> tuple:

@@ -2,6 +2,7 @@
 checks and one small run on the embedded model."""
 from __future__ import annotations
 
+import importlib.util
 import gzip
 import json
 import re
@@ -313,8 +314,8 @@ def test_command_line_refuses_bad_input_by_name(tmp_path, argv, message, capsys)
 
 
 def test_missing_packages_are_one_line_naming_the_extra(monkeypatch, capsys):
-    real = entry.importlib.util.find_spec
-    monkeypatch.setattr(entry.importlib.util, "find_spec",
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "sklearn" else real(name, *a))
     assert entry.main(["--layer", "1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -323,15 +324,6 @@ def test_missing_packages_are_one_line_naming_the_extra(monkeypatch, capsys):
 
 # ---- on the embedded model ---------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def embedded():
-    from mxd_fast.harvest import embedded_model_path, load_model
-    try:
-        embedded_model_path()
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
-    pytest.importorskip("gguf")
-    return load_model()
 
 
 def test_taps_read_the_mlp_input_and_its_neurons(embedded):

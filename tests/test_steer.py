@@ -2,6 +2,7 @@
 a small run on the embedded model with tiny fresh layers."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -181,8 +182,8 @@ def test_command_line_refuses_bad_input_by_name(tmp_path, argv, message, capsys)
 
 
 def test_missing_packages_are_one_line_naming_the_extra(monkeypatch, capsys):
-    real = entry.importlib.util.find_spec
-    monkeypatch.setattr(entry.importlib.util, "find_spec",
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "matplotlib" else real(name, *a))
     assert entry.main(["somewhere"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -191,15 +192,6 @@ def test_missing_packages_are_one_line_naming_the_extra(monkeypatch, capsys):
 
 # ---- on the embedded model ---------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def embedded():
-    from mxd_fast.train.data import embedded_model_path, load_model
-    try:
-        embedded_model_path()
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
-    pytest.importorskip("gguf")
-    return load_model()
 
 
 @pytest.fixture

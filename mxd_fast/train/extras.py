@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-INSTALL = "pip install 'mxd_fast[train]'"
+from .._entry import INSTALL  # noqa: F401  (one spelling of the install command)
 # What every training run needs (tqdm and matplotlib are optional: without them there is no progress bar
 # and no training_curve.png); gguf only for a .gguf model, the embedded one included.
 TRAIN_PACKAGES = ("transformers", "tokenizers", "safetensors", "huggingface_hub")
