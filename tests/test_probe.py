@@ -341,6 +341,27 @@ def test_taps_read_the_mlp_input_and_its_neurons(embedded):
     assert not mask[0, 0] and mask[0, 1:].all()
 
 
+def test_taps_read_an_mlp_split_across_its_block():
+    # OPT's MLP is fc1 -> activation_fn -> fc2 inside the decoder layer: no module stands as the MLP
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                    num_attention_heads=4, max_position_embeddings=32, word_embed_proj_dim=32)
+    model = transformers.OPTForCausalLM(config).eval().requires_grad_(False)
+    ids = torch.randint(4, 128, (2, 9))
+    from mxd_fast.harvest import Harvester
+    with Harvester(model, 1) as harvester:
+        x_harvested, _ = harvester.harvest(ids)
+    taps = P.MLPTaps(model, 1, want_hidden=True)
+    try:
+        x, hidden = taps.run(ids, torch.ones_like(ids))
+    finally:
+        taps.close()
+    block = model.model.decoder.layers[1]
+    torch.testing.assert_close(x.reshape(-1, 32), x_harvested)
+    torch.testing.assert_close(hidden, block.activation_fn(block.fc1(x)))
+
+
 def test_padding_does_not_change_a_text_s_features(embedded):
     model, tokenizer = embedded
     texts = ["a short one", "a much longer text with many more tokens in it than the first one has"]

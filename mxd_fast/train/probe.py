@@ -42,9 +42,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mxd_fast.harvest import find_mlp, load_model
+from mxd_fast.harvest import load_model
 from mxd_fast.module import MxD
 from mxd_fast.train import load_layer
+from mxd_fast.train.models import adapt
 from mxd_fast.train.probe_data import (CHUNK_CHARS, DATASETS, TEST_FRACTION, ProbeDataset, build_dataset,
                                        check_sizes, parse_dataset_names)
 from mxd_fast.transcoder import TopKTranscoder
@@ -94,21 +95,24 @@ def output_projection(mlp: nn.Module) -> Optional[nn.Module]:
 
 
 class MLPTaps:
-    """Forward pre-hooks on one block's MLP (its input x) and on the MLP's output projection (the
-    hidden activations), and a forward hook that stops the model's forward pass after that MLP."""
+    """Forward pre-hooks on one block's MLP input (x) and on the MLP's output projection (the hidden
+    activations), and a forward hook that stops the model's forward pass after that MLP. For an MLP that is
+    parts of a larger module (OPT's fc1 -> act -> fc2, BERT, BLOOM, MPT) the hooks sit on those parts."""
 
     def __init__(self, model: nn.Module, layer: int, want_hidden: bool):
         self.model = model
-        _, _, mlp = find_mlp(model, layer)
+        site = adapt(model).mlp(layer)
+        first, last = site.read_points()
         self.x: Optional[Tensor] = None
         self.hidden: Optional[Tensor] = None
-        self.handles = [mlp.register_forward_pre_hook(self._take_x, with_kwargs=True),
-                        mlp.register_forward_hook(self._stop)]
+        self.handles = [first.register_forward_pre_hook(self._take_x, with_kwargs=True),
+                        last.register_forward_hook(self._stop)]
         if want_hidden:
-            projection = output_projection(mlp)
+            # the parts kind: `last` is the output map itself; otherwise the MLP's named output projection
+            projection = last if site.parts is not None else output_projection(last)
             if projection is None:
                 self.close()
-                raise ValueError(f"the MLP of layer {layer} ({type(mlp).__name__}) has no output projection named "
+                raise ValueError(f"the MLP of layer {layer} ({type(last).__name__}) has no output projection named "
                                  f"{' / '.join(OUTPUT_PROJECTIONS)}: its neurons cannot be read")
             self.handles.append(projection.register_forward_pre_hook(self._take_hidden))
 
