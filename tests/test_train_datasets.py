@@ -199,6 +199,19 @@ def test_the_held_out_split_and_contexts_match_those_of_the_same_documents_in_a_
     assert torch.equal(D.held_out_contexts(held, tok, 16, 9), D.held_out_contexts(list_held, tok, 16, 9))
 
 
+def test_tools_read_a_run_s_held_out_documents_as_the_trainer_read_its_dataset(tmp_path):
+    # probe, steer and inspect re-read the run's text: a jsonl column must not be read as raw text lines
+    from mxd_fast.train.run_folders import RunFolder, held_out_documents
+    docs = _texts(400, seed=3)
+    datasets.Dataset.from_dict({"body": docs}).to_json(str(tmp_path / "part.jsonl"))
+    train = {"text": [str(tmp_path / "part.jsonl")], "text_format": "json", "text_column": "body",
+             "text_split": "train", "eval_text": None}
+    held, description = held_out_documents(RunFolder(tmp_path, {"train": train}, None, 0, "mxd", 8), None)
+    expected = D.split_documents(docs, 0.02)[1]
+    assert len(expected) >= 2 and list(held) == expected
+    assert description.startswith("the held-out documents of ")
+
+
 # ---- training on a dataset -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

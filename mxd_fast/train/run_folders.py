@@ -97,6 +97,14 @@ def context_length(run: RunFolder, default: int = 128) -> int:
     return value if isinstance(value, int) and value >= 2 else default
 
 
+def _run_text(paths: Sequence[str], train: dict) -> tuple:
+    """(documents, description) of the run's --text or --eval-text, read as the trainer read them: text
+    files, or a datasets dataset (as a stream) under the run's --text-format, --text-column and --text-split."""
+    from .corpus import read_text
+    return read_text(paths, train.get("text_format") or "auto", train.get("text_column") or "text",
+                     train.get("text_split") or "train")
+
+
 def held_out_documents(run: RunFolder, text: Optional[Sequence[str]], option: str = "--text",
                        log: Callable[[str], None] = print) -> tuple[list, str]:
     """(documents, description): `text` (files or folders) when given, else the run's own held-out documents:
@@ -113,14 +121,13 @@ def held_out_documents(run: RunFolder, text: Optional[Sequence[str]], option: st
     train = run.config.get("train") if isinstance(run.config.get("train"), dict) else {}
     try:
         if train.get("eval_text"):
-            return D.read_documents(train["eval_text"]), " ".join(train["eval_text"])
-        docs, corpus = (D.read_documents(train["text"]), " ".join(train["text"])) if train.get("text") \
-            else D.default_corpus(log)
+            return _run_text(train["eval_text"], train)
+        docs, corpus = _run_text(train["text"], train) if train.get("text") else D.default_corpus(log)
     except (OSError, ValueError) as err:
         raise FileNotFoundError(f"{run.folder}: the run's held-out text cannot be read ({err}): pass {option} "
                                 "FILES") from None
     held = D.split_documents(docs, HELD_OUT_FRACTION)[1]
-    if not held:
+    if isinstance(held, list) and not held:
         raise ValueError(f"{run.folder}: the run's corpus has no held-out document: pass {option} FILES")
     return held, f"the held-out documents of {corpus}"
 
