@@ -12,9 +12,12 @@ with more candidates or recomputed by the direct path. --layer adds a whole MxD 
 (torch backend) with MXD_FAST_EXACT_GATE=direct vs screened; a "screened" layer whose gate never
 screened (inputs the screen does not take) is flagged.
 
-Inputs are random (x ~ N(0, 1), gate rows N(0, 1/d), bias N(0, 0.01)): a trained gate's fallback rate
-may differ. Default shapes: GPT-2's (768 x 21490, K = 32) and the CPU sweeps over K and N of the main
-bench (python -m bench); --tokens sets the tokens of every shape.
+Inputs are random (x ~ N(0, 1), gate rows N(0, 1/d), bias N(0, 0.01)). Default shapes: GPT-2's
+(768 x 21490, K = 32) and the CPU sweeps over K and N of the main bench (python -m bench); --tokens sets
+the tokens of every shape. --run RUN_FOLDER (repeatable) adds a trained gate: the gate (MxD) or encoder
+(transcoder) of a run folder of python -m mxd_fast.train, on its MLP inputs over the run's held-out text
+(--run-tokens of them): the same three providers, the retry and fallback shares, and whether the screened
+selection equals the direct one (the experts selected with a positive value; those at 0 are relu's ties).
 """
 from __future__ import annotations
 
@@ -113,6 +116,48 @@ def layer_row(s: S.Shape, cfg: T.TimingConfig) -> dict:
             "layer_screened_calls": calls}
 
 
+def trained_inputs(folder: str, tokens: int) -> tuple:
+    """(x [tokens, d] MLP inputs at the run's layer over its held-out text, gate weight, bias, k, label)."""
+    from mxd_fast.train import load_layer
+    from mxd_fast.train import data as D
+    from mxd_fast.train.run_folders import context_length, held_out_documents, read_run_folder
+    run = read_run_folder(folder, "--run")
+    layer = load_layer(run.folder)
+    gate = layer.gate if isinstance(layer, mxd_fast.MxD) else layer.encoder
+    model, tokenizer = D.load_model(run.model)
+    context = context_length(run)
+    contexts = D.held_out_contexts(held_out_documents(run, None, "--run")[0], tokenizer, context,
+                                   -(-tokens // context))
+    with D.Harvester(model, run.layer_index) as harvester:
+        x = torch.cat([harvester.harvest(contexts[i:i + 8])[0] for i in range(0, contexts.shape[0], 8)])
+    label = f"trained {run.arch} layer {run.layer_index} ({gate.weight.shape[1]} x {gate.n}, K = {gate.k})"
+    return x[:tokens].float().contiguous(), gate.weight.detach(), gate.bias.detach(), gate.k, label
+
+
+def trained_gate_row(folder: str, tokens: int, cfg: T.TimingConfig) -> dict:
+    """The three gate providers on a trained gate and its real inputs; the screened selection against the
+    direct one (indices as sets, values to fp32 rounding)."""
+    x, w, b, k, label = trained_inputs(folder, tokens)
+    reference_values, reference_indices = direct(x, w, b, k)
+    sg.reset_screen_stats()
+    values, indices = screened(x, w, b, k)
+    once = sg.screen_stats()
+    # relu's zeros tie: an index with value 0 may be any expert whose logit is <= 0, so only the positive
+    # selections are compared
+    positive = [torch.where(v > 0, i, -1).sort(1).values for v, i in ((values, indices),
+                                                                     (reference_values, reference_indices))]
+    same_sets = (positive[0] == positive[1]).all(1)
+    value_error = float((values - reference_values).abs().max()) if values.numel() else 0.0
+    fns = [lambda i, f=f: f(*i, k) for f in (dense, direct, screened)]
+    timings = T.time_interleaved(fns, [(x, w, b), (x.clone(), w, b)], cfg)
+    rows = max(once["rows_screened"], 1)
+    return {"shape": label, "run": folder, "tokens": int(x.shape[0]),
+            **{name: _ms(t) for name, t in zip(("dense", "direct", "screened"), timings)},
+            "screen_stats": once, "retried": once["rows_retried"] / rows, "fallback": once["rows_fallback"] / rows,
+            "screened_calls": once["calls"], "rows_with_other_indices": int((~same_sets).sum()),
+            "max_value_difference": value_error}
+
+
 def _ratio(row: dict, num: str, den: str) -> str:
     a, b = row.get(num, {}), row.get(den, {})
     return f"{a['ms'] / b['ms']:.2f}" if "ms" in a and "ms" in b else "-"
@@ -131,6 +176,9 @@ def print_row(r: dict) -> None:
     print(f"{r['shape']:44s} {_cell(r['dense']):>9s} {_cell(r['direct']):>10s} {_cell(r['screened']):>10s} "
           f"{_ratio(r, 'direct', 'screened'):>8s} {_ratio(r, 'dense', 'screened'):>9s} "
           f"{r['retried']:>8.2%} {r['fallback']:>8.2%}{'' if r['screened_calls'] else '  (not screenable)'}")
+    if "rows_with_other_indices" in r:
+        print(f"  {r['tokens']} held-out tokens; rows whose positive selections differ from "
+              f"direct's: {r['rows_with_other_indices']}; largest value difference {r['max_value_difference']:.3g}")
     if "layer_direct" in r:
         note = "" if r["layer_screened_calls"] else "  (the layer's gate never screened)"
         print(f"{'  layer fwd+bwd ms, direct / screened':44s} {_cell(r['layer_direct']):>9s} "
@@ -145,6 +193,10 @@ def parse_args(argv):
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: the cores this process may use)")
     p.add_argument("--reps", type=positive_int, help="timed calls per provider (default: about 1 s each)")
     p.add_argument("--layer", action="store_true", help="also time a whole MxD layer's forward+backward")
+    p.add_argument("--run", action="append", default=[], metavar="RUN_FOLDER",
+                   help="also a trained gate: a run folder of python -m mxd_fast.train (repeatable)")
+    p.add_argument("--run-tokens", type=positive_int, default=4096,
+                   help="held-out tokens of each --run (default: 4096)")
     p.add_argument("--out", help="write the rows as JSON to this file")
     return p.parse_args(argv)
 
@@ -169,6 +221,13 @@ def main(argv=None) -> int:
         row = gate_row(s, cfg)
         if args.layer:
             row.update(layer_row(s, cfg))
+        rows.append(row)
+        print_row(row)
+    for folder in args.run:
+        try:
+            row = trained_gate_row(folder, args.run_tokens, cfg)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"--run {folder}: {e}") from None
         rows.append(row)
         print_row(row)
     if args.out:

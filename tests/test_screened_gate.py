@@ -570,3 +570,21 @@ def test_the_op_screens_on_the_torch_backend(monkeypatch):
     assert torch.equal(results["direct"][1], results["screened"][1])      # no ties in random data
     for got, want in zip(results["screened"], results["direct"]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_bench_checks_a_trained_gate_on_its_real_inputs(embedded, tmp_path, monkeypatch):
+    # bench.gate_screen --run: real MLP inputs read through the model, the selection compared with direct's
+    from bench import gate_screen as GS
+    from bench.timing import TimingConfig
+    from mxd_fast.train import data as D
+    from mxd_fast.train.layer_io import save_layer
+    torch.manual_seed(0)
+    layer = mxd_fast.MxD(576, 48, 576, 400, 8, activation="silu", glu=True)
+    save_layer(layer, tmp_path, {"model": {"name": "embedded:model.gguf", "layer": 2}})
+    monkeypatch.setattr(D, "load_model", lambda *args, **kwargs: embedded)
+    row = GS.trained_gate_row(str(tmp_path), 100, TimingConfig(warmup_calls=0, min_reps=1, max_reps=1,
+                                                                target_time=0.0))
+    assert row["tokens"] == 100 and row["shape"].startswith("trained mxd layer 2 (576 x 400, K = 8)")
+    assert row["screened_calls"] == 1 and row["screen_stats"]["rows_screened"] == 100
+    assert row["rows_with_other_indices"] == 0 and row["max_value_difference"] < 1e-4
+    assert all("ms" in row[p] for p in ("dense", "direct", "screened"))
