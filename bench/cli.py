@@ -359,7 +359,7 @@ def parse_args(argv):
     p.add_argument("--ops", help=f"comma-separated subset of {','.join(C.OPS)} (default: the suite's)")
     p.add_argument("--modes", help="comma-separated subset of fwd, fwd+bwd, step")
     p.add_argument("--providers", help="comma-separated subset of reference, gemm+topk, gemm, torch, triton, cuda, "
-                                       "transcoder, mlp (default: every one that runs on the device)")
+                                       "embedding_bag, sparsify, transcoder, mlp (default: every one that runs on the device)")
     p.add_argument("--shapes", help="comma-separated shape specs: gpt2, pythia-410m, pythia-1.4b, llama-3.2-3b, "
                                     "small, tiny, paper, with overrides name:T=2048,K=64,N=..,H=..,d=.., or "
                                     "sweep-k / sweep-n / sweep-t (optionally @base-shape)")

@@ -348,4 +348,4 @@ def versions() -> dict:
             return None
 
     return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "triton": version("triton"), "mxd_fast": mxd_fast.__version__}
+            "triton": version("triton"), "sparsify": version("eai-sparsify"), "mxd_fast": mxd_fast.__version__}
