@@ -83,7 +83,7 @@ def test_lens_model_sizes_and_activation_come_from_its_cfg():
     model = _lens()
     assert H.num_layers(model) == 2 and H.max_positions(model) == 32
     assert H.model_dims(model, LAYER) == {"d": 32, "hidden": 64, "activation": "gelu_new",
-                                          "model_activation": "gelu_new", "glu": False}
+                                          "model_activation": "gelu_new", "activation_refusal": None, "glu": False}
     parent, attr, mlp = H.find_mlp(model, LAYER)
     assert parent is model.blocks[LAYER] and attr == "mlp" and mlp is model.blocks[LAYER].mlp
     with pytest.raises(ValueError, match="it has 2 layers"):

@@ -170,12 +170,12 @@ def max_positions(model) -> Optional[int]:
 def model_dims(model, layer: int) -> dict:
     """d (model width), the MLP's hidden width H (the width its activation works on), its activation (a key
     of mxd_fast.module.ACTIVATIONS computing exactly what the MLP's own activation computes, or None:
-    `model_activation` names it and mxd_fast.train.models says why), and whether it is gated
+    `model_activation` names it and `activation_refusal` says why), and whether it is gated
     (act(gate(x)) * up(x)). ValueError for a block whose MLP mxd_fast cannot read (a mixture of experts)."""
     site = adapt(model).mlp(layer)
-    activation, _ = site.activation()
+    activation, why = site.activation()
     return {"d": int(site.d), "hidden": int(site.hidden), "activation": activation,
-            "model_activation": site.activation_label(), "glu": bool(site.glu)}
+            "model_activation": site.activation_label(), "activation_refusal": why, "glu": bool(site.glu)}
 
 
 # transformers' activation names (ACT2FN) with the ACTIVATIONS key that computes exactly the same values.

@@ -210,8 +210,9 @@ class Trainer:
         self.hidden = a.hidden or self.dims["hidden"]
         self.activation = a.activation or self.dims["activation"]
         if self.activation is None and a.arch == "mxd":
+            why = self.dims.get("activation_refusal")
             raise SystemExit(f"--activation: the model's MLP activation {self.dims['model_activation']!r} has no "
-                             f"MxD form; choose one of {', '.join(sorted(ACTIVATIONS))}")
+                             f"MxD form{f' ({why})' if why else ''}; choose one of {', '.join(sorted(ACTIVATIONS))}")
         self.glu = self.dims["glu"] if a.glu == "auto" else a.glu == "yes"
         self._check_data_memory()
 
