@@ -130,50 +130,72 @@ def _topk_gate_fwd_kernel(
     t_begin = pid_s * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
 
-    # Running set: k distinct keys below every real key, then the sentinels.
     slots = tl.arange(0, K_PAD)
-    init = tl.where(slots < K, -(slots.to(tl.int64) + 1), _KEY_MAX)
-    run = tl.broadcast_to(init[None, :], [BLOCK_B, K_PAD])
-
-    low = tl.min(run, axis=1)  # the k-th largest key of each row
-    thr = (low >> 32).to(tl.int32)  # ... and its value bits
+    run, low, thr = _empty_running(BLOCK_B, K, K_PAD)
     for t in range(t_begin, t_end):
         bits, cols = _tile_bits(x_ptr, w_ptr, b_ptr, rows64, row_ok, t * BLOCK_N, N, I,
                                 stride_xb, stride_xi, stride_wn, stride_wi, stride_bn,
                                 HAS_BIAS, BLOCK_B, BLOCK_N, BLOCK_I, DOT_PRECISION, DOT_UPCAST)
-        # Candidates keep their bits, the rest become -1. A logit equal to the threshold value may
-        # be dropped: between equal values any of them is fine.
-        bits = tl.where(bits > thr[:, None], bits, -1)
-        # Candidates are inserted largest first, so a row inserts at most K of a tile: after K, the
-        # set holds K of the tile's larger candidates, and every later one ranks below them.
-        count = tl.minimum(tl.max(tl.sum((bits >= 0).to(tl.int32), axis=1), axis=0), K)
-        if count > 0:
-            if FULL_MERGE and count > FULL_MERGE_AT:
-                key = (bits.to(tl.int64) << 32) | cols.to(tl.int64)[None, :]
-                top = tl.topk(tl.where(bits >= 0, key, _KEY_MIN), K_PAD)
-                run = tl.maximum(tl.sort(run, descending=True), tl.flip(top, 1))
-                low = tl.min(run, axis=1)
-            else:
-                # One round moves each row's largest remaining candidate into the slot of the row's
-                # smallest key and retires it from the tile. Int32 work on the tile: the largest
-                # bits, then the largest column holding them (which identifies the element).
-                for _ in range(count):
-                    best_bits = tl.max(bits, axis=1)
-                    best_col = tl.max(tl.where(bits == best_bits[:, None], cols[None, :], -1), axis=1)
-                    best = (best_bits.to(tl.int64) << 32) | best_col.to(tl.int64)
-                    take = (best_bits >= 0) & (best > low)
-                    run = tl.where((run == low[:, None]) & take[:, None], best[:, None], run)
-                    low = tl.min(run, axis=1)
-                    bits = tl.where(cols[None, :] == best_col[:, None], -1, bits)
-            thr = (low >> 32).to(tl.int32)
+        run, low, thr = _merge_tile(run, low, thr, bits, cols, K, K_PAD, FULL_MERGE_AT, FULL_MERGE)
 
-    run = tl.where(run == _KEY_MAX, _KEY_MIN, run)
-    run = tl.sort(run, descending=True)
+    run = _sorted_running(run)
     if TO_WORKSPACE:
         ws = ws_ptr + (pid_s.to(tl.int64) * B + rows64[:, None]) * K_PAD + slots[None, :]
         tl.store(ws, run, mask=row_ok[:, None])
     else:
         _store_keys(val_ptr, idx_ptr, run, rows64, row_ok, slots, K)
+
+
+@triton.jit
+def _empty_running(BLOCK_B: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr):
+    """The running set of BLOCK_B rows before any tile: k distinct keys below every real key, then the
+    sentinels; with each row's k-th largest key (low) and its value bits (thr)."""
+    slots = tl.arange(0, K_PAD)
+    init = tl.where(slots < K, -(slots.to(tl.int64) + 1), _KEY_MAX)
+    run = tl.broadcast_to(init[None, :], [BLOCK_B, K_PAD])
+    low = tl.min(run, axis=1)  # the k-th largest key of each row
+    thr = (low >> 32).to(tl.int32)  # ... and its value bits
+    return run, low, thr
+
+
+@triton.jit
+def _merge_tile(run, low, thr, bits, cols, K: tl.constexpr, K_PAD: tl.constexpr, FULL_MERGE_AT: tl.constexpr,
+                FULL_MERGE: tl.constexpr):
+    """Merge a tile (bits: int32 [BLOCK_B, BLOCK_N] as from _tile_bits, -1 where masked; cols: its int32
+    columns) into the running set; returns the new (run, low, thr)."""
+    # Candidates keep their bits, the rest become -1. A logit equal to the threshold value may
+    # be dropped: between equal values any of them is fine.
+    bits = tl.where(bits > thr[:, None], bits, -1)
+    # Candidates are inserted largest first, so a row inserts at most K of a tile: after K, the
+    # set holds K of the tile's larger candidates, and every later one ranks below them.
+    count = tl.minimum(tl.max(tl.sum((bits >= 0).to(tl.int32), axis=1), axis=0), K)
+    if count > 0:
+        if FULL_MERGE and count > FULL_MERGE_AT:
+            key = (bits.to(tl.int64) << 32) | cols.to(tl.int64)[None, :]
+            top = tl.topk(tl.where(bits >= 0, key, _KEY_MIN), K_PAD)
+            run = tl.maximum(tl.sort(run, descending=True), tl.flip(top, 1))
+            low = tl.min(run, axis=1)
+        else:
+            # One round moves each row's largest remaining candidate into the slot of the row's
+            # smallest key and retires it from the tile. Int32 work on the tile: the largest
+            # bits, then the largest column holding them (which identifies the element).
+            for _ in range(count):
+                best_bits = tl.max(bits, axis=1)
+                best_col = tl.max(tl.where(bits == best_bits[:, None], cols[None, :], -1), axis=1)
+                best = (best_bits.to(tl.int64) << 32) | best_col.to(tl.int64)
+                take = (best_bits >= 0) & (best > low)
+                run = tl.where((run == low[:, None]) & take[:, None], best[:, None], run)
+                low = tl.min(run, axis=1)
+                bits = tl.where(cols[None, :] == best_col[:, None], -1, bits)
+        thr = (low >> 32).to(tl.int32)
+    return run, low, thr
+
+
+@triton.jit
+def _sorted_running(run):
+    """The running set sorted descending, sentinels (surplus slots) last as the smallest key."""
+    run = tl.where(run == _KEY_MAX, _KEY_MIN, run)
+    return tl.sort(run, descending=True)
 
 
 @triton.jit
