@@ -102,6 +102,14 @@ def test_forward_follows_the_mode(monkeypatch):
     assert sg.screen_stats()["calls"] == 0          # fewer than _MIN_ROWS rows: direct under auto
     monkeypatch.setattr(sg, "_MIN_ROWS", 9)
     sg.topk_gate_forward(x, w, b, 3, Direct())
+    assert sg.screen_stats()["calls"] == 0          # fewer than auto_min_experts experts: direct under auto
+    assert sg.auto_min_experts(3, 21) > 150
+    monkeypatch.setattr(sg, "_MIN_EXPERTS_BASE", 0)
+    monkeypatch.setattr(sg, "_MIN_EXPERTS_PER_CANDIDATE", 150 // (3 + sg.margin(3, 21)))
+    sg.topk_gate_forward(x, w, b, 3, Direct())
+    assert sg.screen_stats()["calls"] == 1
+    monkeypatch.setattr(sg, "_MIN_EXPERTS_PER_CANDIDATE", 150 // (3 + sg.margin(3, 21)) + 1)
+    sg.topk_gate_forward(x, w, b, 3, Direct())
     assert sg.screen_stats()["calls"] == 1
     # forced, but the GEMM fails its self-check: direct, with a warning
     monkeypatch.setattr(sg, "_support", {"sound": False})

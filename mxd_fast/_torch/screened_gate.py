@@ -67,6 +67,12 @@ _PAD = 8              # the GEMM's inner dimension is padded to a multiple of th
 _MIN_SPEEDUP = 1.5    # auto screens only where the bf16 GEMM is at least this much faster than fp32
 _MIN_ROWS = 256       # ... and batches of at least this many rows: the weight's preparation (four passes)
                       # is paid per call, the GEMM saved per row (an estimate, not yet timed on an idle CPU)
+# ... and at least _MIN_EXPERTS_BASE + _MIN_EXPERTS_PER_CANDIDATE * (k + m) experts: each row rescores k + m
+# of them by gathered dot products, far slower per FLOP than the GEMM they replace. Measured at 2048 rows,
+# 1 thread (a loaded 2-core AMD EPYC): I = 576, k = 32: 0.85x at N = 3072, 1.40x at 4096, 2.1x at 6144;
+# I = 768, k = 128: 1.09x at N = 4096, 1.69x at 8192.
+_MIN_EXPERTS_BASE = 2048
+_MIN_EXPERTS_PER_CANDIDATE = 24
 
 _U32 = 2.0 ** -24
 _U_BF16 = 2.0 ** -8
@@ -101,6 +107,11 @@ def margin(k: int, n_cols: int) -> int:
     return max(16, -(-math.ceil(m) // 8) * 8)
 
 
+def auto_min_experts(k: int, n_cols: int) -> int:
+    """The fewest experts at which "auto" screens a top-k gate over n_cols inputs."""
+    return _MIN_EXPERTS_BASE + _MIN_EXPERTS_PER_CANDIDATE * (k + margin(k, n_cols))
+
+
 def screenable(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int) -> bool:
     """Whether screening applies to these inputs at all: fp32 on the CPU, and enough experts left
     over after the candidates for the screen to save work."""
@@ -111,8 +122,8 @@ def screenable(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int) -> boo
 
 def topk_gate_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, direct: Direct):
     """The gate's forward on [B, I] x: screened where MXD_FAST_EXACT_GATE and the machine allow it and
-    the inputs are screenable (under "auto", also at least _MIN_ROWS rows), else direct(x, weight,
-    bias, k)."""
+    the inputs are screenable (under "auto", also at least _MIN_ROWS rows and auto_min_experts(k, I)
+    experts), else direct(x, weight, bias, k)."""
     mode = exact_gate_mode()
     if mode == "direct" or not screenable(x, weight, bias, k):
         return direct(x, weight, bias, k)
@@ -120,7 +131,8 @@ def topk_gate_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int,
         _warn_once("MXD_FAST_EXACT_GATE=screened: the bf16 GEMM here fails the screen's self-check; "
                    "the gate runs the direct path")
         return direct(x, weight, bias, k)
-    if mode == "auto" and (x.shape[0] < _MIN_ROWS or not screening_supported()):
+    if mode == "auto" and (x.shape[0] < _MIN_ROWS or weight.shape[0] < auto_min_experts(k, x.shape[1])
+                           or not screening_supported()):
         return direct(x, weight, bias, k)
     return screened_topk_gate(x, weight, bias, k, direct)
 
