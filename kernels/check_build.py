@@ -144,10 +144,12 @@ def _cases(quick: bool):
     """(label, thunk) pairs calling each op's Triton forward and backward the way the ops do."""
     from . import gather_combine as gc
     from . import mxd_decode as md
+    from . import screened_gate as sg
     from . import topk_gate as tg
 
     g = torch.Generator().manual_seed(0)
     cases = []
+    cases += _screened_gate_cases(sg, g, quick)
     ks = (1, 32, 128, 256) if quick else (1, 8, 32, 64, 128, 256)
     dtypes = (torch.float32, torch.bfloat16) if quick else DTYPES
     for dtype in dtypes:
@@ -199,6 +201,28 @@ def _cases(quick: bool):
                 cases.append((f"mxd_decode backward {label}", with_tf32(with_source(
                     lambda gy=gy, z=z, d=decoder, e=experts, v=vals, i=idx:
                     md.mxd_decode_backward(gy, z, d, e, v, i, True, True, True, True, True, True)))))
+    return cases
+
+
+def _screened_gate_cases(sg, g: torch.Generator, quick: bool):
+    """The fp8 screen's launches (its kernel, and topk_gate's merge kernel after a split over N), with
+    no self-check (it runs kernels, which a build check cannot). Before sm_89 (no fp8 dot products) the
+    screen is never launched: one case prints a note and compiles nothing."""
+    if _device.compile_target[0] < 89:
+        return [("screened_gate", lambda: print(f"sm_{_device.compile_target[0]}: screened_gate not compiled "
+                                                "(fp8 dot products need sm_89+)"))]
+    cases = []
+    shapes = [(256, 20000, 96), (8192, 4096, 96), (256, 4096, 3072)]  # split over N and not; keep 89 at k=32
+    for k in ((1, 32) if quick else (1, 8, 32, 128)):
+        for B, N, I in shapes:
+            x, w, b = (torch.randn(B, I, generator=g).bfloat16(), torch.randn(N, I, generator=g).bfloat16(),
+                       torch.randn(N, generator=g).bfloat16())
+
+            def screen(x=x, w=w, b=b, k=k):
+                C = k + sg.margin(k, x.shape[1])
+                prep = sg._Prepared(x, w, b, sg._config(sg.tgk._next_pow2(C + 1), x))
+                sg._screen(prep.x8, prep.rowc, prep.g8, prep.colc, b, C + 1, prep.cfg)
+            cases.append((f"screened_gate screen k={k} B={B} N={N} I={I}", screen))
     return cases
 
 

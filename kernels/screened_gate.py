@@ -280,11 +280,12 @@ _INTERPRETER_CONFIG = dict(BLOCK_B=16, BLOCK_N=32, BLOCK_I=32, FULL_MERGE=True)
 
 
 def _config(k_pad: int, x: torch.Tensor) -> dict:
-    """The launch configuration: topk_gate's default for 2-byte inputs on a GPU (its running set's
-    register budget), the small interpreter one on the CPU."""
+    """The launch configuration: on a GPU, topk_gate's default for 2-byte inputs (its running set's
+    register budget) on at least 8 warps (the dot's result and the fp32 accumulator are two tiles), the
+    small interpreter one on the CPU."""
     if compiled(x):
         c = tgk._default_config(k_pad, torch.bfloat16, capability(x))
-        return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        return dict(c.kwargs, num_warps=max(8, c.num_warps), num_stages=3)
     cfg = dict(_INTERPRETER_CONFIG, num_warps=4, num_stages=3)
     if cfg["FULL_MERGE"]:
         cfg["BLOCK_N"] = max(cfg["BLOCK_N"], k_pad)
