@@ -261,7 +261,8 @@ def _emulated_screen(bits: int, promote: bool):
                 total, c = total + c, torch.zeros_like(c)
         acc = total + c
         rowc, colc = prep.rowc.double(), prep.colc.double()
-        up = acc * rowc[0][:, None] * colc[0][None, :] + rowc[1][:, None] * colc[1] + rowc[2][:, None] * colc[2] + colc[3]
+        up = acc * rowc[0][:, None] * colc[0][None, :] + colc[3]
+        up = up + rowc[1][:, None] * colc[1] + rowc[2][:, None] * colc[2]
         if bias is not None:
             up = up + bias.double()
         return up.relu().float(), torch.arange(g8.shape[0]).expand(x8.shape[0], -1)
