@@ -69,7 +69,7 @@ import triton
 import triton.language as tl
 
 from mxd_fast._torch.screened_gate import margin
-from mxd_fast._utils import new_empty
+from mxd_fast._utils import Counters, new_empty
 
 from . import topk_gate as tgk
 from ._device import LAUNCH_OPTIONS, capability, compiled
@@ -95,9 +95,8 @@ _COLS = 4                # per-expert coefficients: s_g, c1, c2, c4
 
 # ---- statistics --------------------------------------------------------------------------
 
-_stats_lock = threading.Lock()
 _STAT_KEYS = ("calls", "rows_screened", "rows_fallback", "rows_inconsistent", "calls_direct")
-_stats = dict.fromkeys(_STAT_KEYS, 0)
+_stats = Counters(_STAT_KEYS)
 
 
 def screen_stats() -> dict:
@@ -105,20 +104,15 @@ def screen_stats() -> dict:
     kernel (uncertified, non-finite, scale or norm out of range); rows whose rescored logits contradicted
     the screen (they fall back too; nonzero means a fault in the screen or the rescoring); calls sent
     wholly to the exact kernel (inputs not screenable, weight or bias non-finite or out of range)."""
-    with _stats_lock:
-        return dict(_stats)
+    return _stats.snapshot()
 
 
 def reset_screen_stats() -> None:
-    with _stats_lock:
-        for key in _STAT_KEYS:
-            _stats[key] = 0
+    _stats.reset()
 
 
 def _count(**deltas: int) -> None:
-    with _stats_lock:
-        for key, value in deltas.items():
-            _stats[key] += int(value)
+    _stats.add(**deltas)
 
 
 # ---- kernel ------------------------------------------------------------------------------

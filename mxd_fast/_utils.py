@@ -193,3 +193,25 @@ def relu_masked(grad_values: torch.Tensor, values: torch.Tensor) -> torch.Tensor
     <= 0; a NaN passes, as through torch.relu). Every backend's gate backward starts from it."""
     return torch.where(values <= 0, torch.zeros((), dtype=grad_values.dtype, device=grad_values.device),
                        grad_values)
+
+
+class Counters:
+    """Named event counters that several threads may add to: snapshot() copies them, reset() zeroes them."""
+
+    def __init__(self, keys):
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(keys, 0)
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for key, value in deltas.items():
+                self._counts[key] += int(value)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return dict(self._counts)
+
+    def reset(self) -> None:
+        with self._lock:
+            for key in self._counts:
+                self._counts[key] = 0

@@ -53,6 +53,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from mxd_fast._utils import Counters
+
 ENV_VAR = "MXD_FAST_EXACT_GATE"
 MODES = ("auto", "direct", "screened")
 
@@ -148,9 +150,8 @@ def _warn_once(message: str) -> None:
 
 # ---- statistics --------------------------------------------------------------------------
 
-_stats_lock = threading.Lock()
 _STAT_KEYS = ("calls", "rows_screened", "rows_retried", "rows_fallback", "rows_inconsistent", "calls_direct")
-_stats = dict.fromkeys(_STAT_KEYS, 0)
+_stats = Counters(_STAT_KEYS)
 
 
 def screen_stats() -> dict:
@@ -159,20 +160,15 @@ def screen_stats() -> dict:
     (uncertified, non-finite or at risk of overflow); rows whose rescored logits contradicted the
     screen (they fall back too; nonzero means a fault in the screen or the rescoring); and calls sent
     wholly to the direct path (inputs not screenable, non-finite weight or bias)."""
-    with _stats_lock:
-        return dict(_stats)
+    return _stats.snapshot()
 
 
 def reset_screen_stats() -> None:
-    with _stats_lock:
-        for key in _STAT_KEYS:
-            _stats[key] = 0
+    _stats.reset()
 
 
 def _count(**deltas: int) -> None:
-    with _stats_lock:
-        for key, value in deltas.items():
-            _stats[key] += int(value)
+    _stats.add(**deltas)
 
 
 # ---- bound columns -----------------------------------------------------------------------
