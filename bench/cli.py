@@ -20,6 +20,8 @@ import tempfile
 
 import torch
 
+import mxd_fast
+
 from . import cases as C
 from . import report, shapes as S, timing as T
 
@@ -369,6 +371,9 @@ def parse_args(argv):
     p.add_argument("--reps", type=positive_int,
                    help="time exactly this many calls per case, after one warm-up call")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: the cores this process may use)")
+    p.add_argument("--reuse-freed-memory", action="store_true",
+                   help="mxd_fast.reuse_freed_memory() before timing: freed CPU memory is kept for reuse, so large "
+                        "tensors do not fault fresh pages in every call (default: off, the allocator as it is)")
     p.add_argument("--out", help="output folder (default bench/results/<date>-<device>[-quick]/)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results of an earlier run in --out (otherwise such a folder is refused)")
@@ -396,6 +401,7 @@ def _main(args) -> int:
         raise SystemExit(f"--threads {args.threads}: this process may use {cores} cores; use 1 to {cores}")
     if device.type == "cpu":
         torch.set_num_threads(args.threads or cores)
+    reused = mxd_fast.reuse_freed_memory() if args.reuse_freed_memory else False
     jobs = select_jobs(args, device.type)
     requested = name_list("--providers", args.providers, PROVIDERS, "provider")
     plan, unavailable = plan_runs(jobs, device, requested)
@@ -409,7 +415,7 @@ def _main(args) -> int:
         cfg = T.TimingConfig(warmup_calls=1, warmup_time=0.0, min_reps=args.reps, max_reps=args.reps, target_time=0.0)
     ceilings = T.measure_ceilings(device, dtype, args.quick, cfg)
     meta = {"device": str(device), "device_name": T.device_name(device), "dtype": DTYPE_NAMES[dtype],
-            "threads": torch.get_num_threads(), "versions": T.versions(), "git_commit": T.git_commit(),
+            "threads": torch.get_num_threads(), "reuse_freed_memory": reused, "versions": T.versions(), "git_commit": T.git_commit(),
             "date": now.isoformat(timespec="seconds"), "quick": args.quick, "argv": args.argv,
             "ceilings": ceilings.as_dict(), "timing": dataclasses.asdict(cfg),
             "memory_method": ("torch.cuda.max_memory_allocated growth over the call" if device.type == "cuda" else

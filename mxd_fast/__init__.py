@@ -1,5 +1,6 @@
 """mxd_fast: fast, memory-lean kernels and ops for Mixture of Decoders (MxD) layers."""
 from . import reference
+from .cpu_memory import reuse_freed_memory
 from .backend import BackendUnavailableError, available_backends, get_backend, use_backend, use_deterministic
 from .hooks import Coefficients, HookPoint, steer
 from .hub import load_pretrained
@@ -25,6 +26,7 @@ __all__ = [
     "mxd_decode",
     "mxd_experts_for_budget",
     "reference",
+    "reuse_freed_memory",
     "steer",
     "topk_gate",
     "use_backend",

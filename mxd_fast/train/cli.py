@@ -197,6 +197,10 @@ def _machine_options(g) -> None:
       "(default: auto)")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice, usually one per "
       "core)")
+    a("--reuse-freed-memory", choices=("auto", "yes", "no"), default="auto",
+      help="keep freed CPU memory for the next step's tensors instead of faulting fresh pages in every step "
+      "(mxd_fast.reuse_freed_memory; glibc only; the process keeps its peak memory); auto: yes when training "
+      "on the CPU (default: auto)")
     a("--no-plot", action="store_true", help="do not draw training_curve.png (default: off: it is drawn when "
       "matplotlib is installed)")
     a("--quiet", action="store_true", help="no progress bars (default: off)")

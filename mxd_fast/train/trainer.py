@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..backend import unavailable_reason, use_backend
+from ..cpu_memory import reuse_freed_memory
 from ..module import ACTIVATIONS
 from . import data as D
 from . import layer_io
@@ -101,6 +102,8 @@ class Trainer:
         self.rank, self.world, local_rank, self.owns_group = init_distributed(a.device)
         self.log = Log(self.rank, a.quiet)
         self.device = rank_device(a.device, local_rank)
+        if a.reuse_freed_memory == "yes" or (a.reuse_freed_memory == "auto" and self.device.type == "cpu"):
+            reuse_freed_memory()
         if a.backend not in ("auto", "reference") and (why := unavailable_reason(a.backend, self.device)) is not None:
             raise SystemExit(f"--backend {a.backend}: {why}")
         if a.batch % self.world:
