@@ -8,8 +8,9 @@ Per shape, the gate forward of three providers, timed in turns on the same input
 - direct: the torch backend's tiled fp32 forward (MXD_FAST_EXACT_GATE=direct);
 - screened: the bf16 screen with certified fp32 rescoring (mxd_fast/_torch/screened_gate.py).
 Then the ratios direct / screened and dense / screened and the share of rows the screened calls retried
-with more candidates or recomputed by the direct path. --layer adds a whole MxD layer's forward+backward
-(torch backend) with MXD_FAST_EXACT_GATE=direct vs screened; a "screened" layer whose gate never
+with more candidates or recomputed by the direct path. --layer adds a whole MxD layer's forward+backward:
+the paper's dense form, and the torch backend with MXD_FAST_EXACT_GATE=direct vs screened (ratios
+direct / screened and reference / screened); a "screened" layer whose gate never
 screened (inputs the screen does not take) is flagged.
 
 Inputs are random (x ~ N(0, 1), gate rows N(0, 1/d), bias N(0, 0.01)). Default shapes: GPT-2's
@@ -97,23 +98,28 @@ def gate_row(s: S.Shape, cfg: T.TimingConfig) -> dict:
 
 
 def layer_row(s: S.Shape, cfg: T.TimingConfig) -> dict:
-    """A whole MxD layer's forward+backward (torch backend), gate exact by direct vs screened."""
+    """A whole MxD layer's forward+backward: the paper's dense form (mxd_fast.reference) and the torch
+    backend with the gate exact by direct vs screened."""
     torch.manual_seed(0)
     layer = mxd_fast.MxD(s.d, s.H, s.d, s.N, s.K, activation="gelu")
     inputs = [torch.randn(s.T, s.d, generator=torch.Generator().manual_seed(c)) for c in range(COPIES)]
 
     def step(x, mode):
         def run():
+            layer.zero_grad(set_to_none=True)
+            if mode == "reference":
+                mxd_fast.reference.mxd_forward(layer, x.requires_grad_()).square().mean().backward()
+                return
             with mxd_fast.use_backend("torch"):
-                layer.zero_grad(set_to_none=True)
                 layer(x.requires_grad_()).square().mean().backward()
-        return _with_mode(mode, run)
+        return _with_mode("direct" if mode == "reference" else mode, run)
 
     sg.reset_screen_stats()
-    timings = T.time_interleaved([lambda x: step(x, "direct"), lambda x: step(x, "screened")], inputs, cfg)
+    timings = T.time_interleaved([lambda x, m=m: step(x, m) for m in ("reference", "direct", "screened")], inputs,
+                                 cfg)
     calls = sg.screen_stats()["calls"]
-    return {"shape": s.label(), "layer_direct": _ms(timings[0]), "layer_screened": _ms(timings[1]),
-            "layer_screened_calls": calls}
+    return {"shape": s.label(), "layer_reference": _ms(timings[0]), "layer_direct": _ms(timings[1]),
+            "layer_screened": _ms(timings[2]), "layer_screened_calls": calls}
 
 
 def trained_inputs(folder: str, tokens: int) -> tuple:
@@ -181,8 +187,10 @@ def print_row(r: dict) -> None:
               f"direct's: {r['rows_with_other_indices']}; largest value difference {r['max_value_difference']:.3g}")
     if "layer_direct" in r:
         note = "" if r["layer_screened_calls"] else "  (the layer's gate never screened)"
-        print(f"{'  layer fwd+bwd ms, direct / screened':44s} {_cell(r['layer_direct']):>9s} "
-              f"{_cell(r['layer_screened']):>10s} {_ratio(r, 'layer_direct', 'layer_screened'):>19s}{note}")
+        print(f"{'  layer fwd+bwd ms, reference / direct / screened':44s} {_cell(r['layer_reference']):>9s} "
+              f"{_cell(r['layer_direct']):>10s} {_cell(r['layer_screened']):>10s} "
+              f"{_ratio(r, 'layer_direct', 'layer_screened'):>8s} {_ratio(r, 'layer_reference', 'layer_screened'):>9s}"
+              f"{note}")
 
 
 def parse_args(argv):
@@ -197,6 +205,8 @@ def parse_args(argv):
                    help="also a trained gate: a run folder of python -m mxd_fast.train (repeatable)")
     p.add_argument("--run-tokens", type=positive_int, default=4096,
                    help="held-out tokens of each --run (default: 4096)")
+    p.add_argument("--reuse-freed-memory", action="store_true",
+                   help="mxd_fast.reuse_freed_memory() before timing (default: off)")
     p.add_argument("--out", help="write the rows as JSON to this file")
     return p.parse_args(argv)
 
@@ -210,6 +220,7 @@ def main(argv=None) -> int:
     if args.tokens:
         shapes = [dataclasses.replace(s, T=args.tokens) for s in shapes]
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    reused = mxd_fast.reuse_freed_memory() if args.reuse_freed_memory else False
     cfg = T.TimingConfig.for_device(torch.device("cpu"), quick=False)
     if args.reps:
         cfg = T.TimingConfig(warmup_calls=1, min_reps=args.reps, max_reps=args.reps, target_time=0.0)
@@ -232,7 +243,8 @@ def main(argv=None) -> int:
         print_row(row)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"threads": torch.get_num_threads(), "versions": T.versions(), "rows": rows}, f, indent=1)
+            json.dump({"threads": torch.get_num_threads(), "reuse_freed_memory": reused, "versions": T.versions(),
+                       "rows": rows}, f, indent=1)
     return 0
 
 

@@ -596,3 +596,14 @@ def test_the_bench_checks_a_trained_gate_on_its_real_inputs(embedded, tmp_path, 
     assert row["screened_calls"] == 1 and row["screen_stats"]["rows_screened"] == 100
     assert row["rows_with_other_indices"] == 0 and row["max_value_difference"] < 1e-4
     assert all("ms" in row[p] for p in ("dense", "direct", "screened"))
+
+
+def test_the_bench_times_the_gate_and_the_layer_against_the_reference(tmp_path, capsys):
+    from bench import gate_screen as GS
+    out = tmp_path / "rows.json"
+    assert GS.main(["--shapes", "tiny", "--layer", "--reps", "1", "--threads", "1", "--out", str(out)]) == 0
+    import json
+    row = json.loads(out.read_text())["rows"][0]
+    for key in ("dense", "direct", "screened", "layer_reference", "layer_direct", "layer_screened"):
+        assert row[key]["ms"] > 0, key
+    assert "layer fwd+bwd ms, reference / direct / screened" in capsys.readouterr().out
