@@ -104,7 +104,8 @@ def test_harvest_records_mlp_input_and_output_and_stops_early(tiny):
 
 def test_model_dims_and_find_mlp(tiny):
     dims = H.model_dims(tiny["model"], 1)
-    assert dims == {"d": 32, "hidden": 64, "activation": "silu", "model_activation": "silu", "glu": True}
+    assert dims == {"d": 32, "hidden": 64, "activation": "silu", "model_activation": "silu", "activation_refusal": None,
+                    "glu": True}
     with pytest.raises(ValueError, match="layers"):
         H.find_mlp(tiny["model"], 5)
 
