@@ -73,8 +73,8 @@ from mxd_fast._utils import Counters, new_empty
 
 from . import topk_gate as tgk
 from ._device import LAUNCH_OPTIONS, capability, compiled
-from .topk_gate import (_NAN_BITS, _empty_running, _merge_tile, _sorted_running, _store_keys,
-                        _topk_gate_merge_kernel)
+from .topk_gate import (_NAN_BITS, _empty_running, _merge_tile, _program_rows_and_tiles, _topk_gate_merge_kernel,
+                        _write_running)
 
 E4M3_MAX = 448.0
 E4M3_MIN_NORMAL = 2.0 ** -6
@@ -167,28 +167,14 @@ def _screen_fwd_kernel(
 ):
     """topk_gate's forward kernel on the screen's relu(U) (K = keep): the K largest per row."""
     tl.static_assert(K_PAD <= BLOCK_N or not FULL_MERGE, "the full merge needs BLOCK_N >= K_PAD")
-    pid_b = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    tiles_per_split = tl.cdiv(n_tiles, SPLIT)
-    t_begin = pid_s * tiles_per_split
-    t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
-    slots = tl.arange(0, K_PAD)
+    rows64, row_ok, t_begin, t_end = _program_rows_and_tiles(B, N, SPLIT, BLOCK_B, BLOCK_N)
     run, low, thr = _empty_running(BLOCK_B, K, K_PAD)
     for t in range(t_begin, t_end):
         bits, cols = _screen_tile_bits(x8_ptr, g8_ptr, b_ptr, rowc_ptr, colc_ptr, rows64, row_ok, t * BLOCK_N,
                                        B, N, I, stride_xb, stride_gn, stride_bn,
                                        HAS_BIAS, BLOCK_B, BLOCK_N, BLOCK_I, MMA_K)
         run, low, thr = _merge_tile(run, low, thr, bits, cols, K, K_PAD, FULL_MERGE_AT, FULL_MERGE)
-    run = _sorted_running(run)
-    if TO_WORKSPACE:
-        ws = ws_ptr + (pid_s.to(tl.int64) * B + rows64[:, None]) * K_PAD + slots[None, :]
-        tl.store(ws, run, mask=row_ok[:, None])
-    else:
-        _store_keys(val_ptr, idx_ptr, run, rows64, row_ok, slots, K)
+    _write_running(run, val_ptr, idx_ptr, ws_ptr, B, rows64, row_ok, K, K_PAD, TO_WORKSPACE)
 
 
 # ---- host: scales, e4m3 copies, bound coefficients ----------------------------------------

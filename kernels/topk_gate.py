@@ -119,28 +119,37 @@ def _topk_gate_fwd_kernel(
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, FULL_MERGE: tl.constexpr,
 ):
     tl.static_assert(K_PAD <= BLOCK_N or not FULL_MERGE, "the full merge needs BLOCK_N >= K_PAD")
-    pid_b = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
-
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    tiles_per_split = tl.cdiv(n_tiles, SPLIT)
-    t_begin = pid_s * tiles_per_split
-    t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
-
-    slots = tl.arange(0, K_PAD)
+    rows64, row_ok, t_begin, t_end = _program_rows_and_tiles(B, N, SPLIT, BLOCK_B, BLOCK_N)
     run, low, thr = _empty_running(BLOCK_B, K, K_PAD)
     for t in range(t_begin, t_end):
         bits, cols = _tile_bits(x_ptr, w_ptr, b_ptr, rows64, row_ok, t * BLOCK_N, N, I,
                                 stride_xb, stride_xi, stride_wn, stride_wi, stride_bn,
                                 HAS_BIAS, BLOCK_B, BLOCK_N, BLOCK_I, DOT_PRECISION, DOT_UPCAST)
         run, low, thr = _merge_tile(run, low, thr, bits, cols, K, K_PAD, FULL_MERGE_AT, FULL_MERGE)
+    _write_running(run, val_ptr, idx_ptr, ws_ptr, B, rows64, row_ok, K, K_PAD, TO_WORKSPACE)
 
+
+@triton.jit
+def _program_rows_and_tiles(B, N, SPLIT, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's BLOCK_B rows (int64, and which exist) and its range [t_begin, t_end) of the
+    BLOCK_N-expert tiles: program (pid_b, pid_s) owns row block pid_b and chunk pid_s of SPLIT over N."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    tiles_per_split = tl.cdiv(n_tiles, SPLIT)
+    t_begin = tl.program_id(1) * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
+    return rows.to(tl.int64), rows < B, t_begin, t_end
+
+
+@triton.jit
+def _write_running(run, val_ptr, idx_ptr, ws_ptr, B, rows64, row_ok, K: tl.constexpr, K_PAD: tl.constexpr,
+                   TO_WORKSPACE: tl.constexpr):
+    """The running set, sorted: as values and indices, or as keys into this chunk's slice of the
+    [SPLIT, B, K_PAD] workspace for the merge kernel."""
     run = _sorted_running(run)
+    slots = tl.arange(0, K_PAD)
     if TO_WORKSPACE:
-        ws = ws_ptr + (pid_s.to(tl.int64) * B + rows64[:, None]) * K_PAD + slots[None, :]
+        ws = ws_ptr + (tl.program_id(1).to(tl.int64) * B + rows64[:, None]) * K_PAD + slots[None, :]
         tl.store(ws, run, mask=row_ok[:, None])
     else:
         _store_keys(val_ptr, idx_ptr, run, rows64, row_ok, slots, K)
