@@ -68,7 +68,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mxd_fast._torch.screened_gate import margin
+from mxd_fast._torch.screened_gate import fp64_norm_bounds, margin
 from mxd_fast._utils import Counters, new_empty
 
 from . import topk_gate as tgk
@@ -197,11 +197,6 @@ def _f32_up(v: torch.Tensor) -> torch.Tensor:
     return torch.where((y > 0) & (y < _TINY), y.new_full((), _TINY), y)
 
 
-def _norms(rows: torch.Tensor) -> torch.Tensor:
-    """Upper bounds on the row norms of an fp64 tensor (rounding of the fp64 sum and square root)."""
-    return torch.linalg.vector_norm(rows, dim=1) * (1 + (rows.shape[1] + 4) * 2.0 ** -52)
-
-
 def _split_e4m3(rows: torch.Tensor, out8: torch.Tensor):
     """Per row of `rows` (bf16/fp16, finite), write e4m3(rows / s) to out8 and return (the scale's
     exponent e (s = 2^e), ||rows / s||, ||e4m3 copy||, ||residual||) in fp64. Subnormal e4m3 values are
@@ -219,9 +214,9 @@ def _split_e4m3(rows: torch.Tensor, out8: torch.Tensor):
         q64 = torch.where(q64.abs() < E4M3_MIN_NORMAL, torch.zeros_like(q64), q64)
         out8[r0:r0 + step] = q64.to(torch.float8_e4m3fn)   # exact
         exps.append(e)
-        norms.append(_norms(scaled))
-        n8.append(_norms(q64))
-        nr.append(_norms(scaled - q64))
+        norms.append(fp64_norm_bounds(scaled))
+        n8.append(fp64_norm_bounds(q64))
+        nr.append(fp64_norm_bounds(scaled - q64))
     return torch.cat(exps), torch.cat(norms), torch.cat(n8), torch.cat(nr)
 
 

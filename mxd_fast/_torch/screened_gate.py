@@ -203,7 +203,9 @@ def _augmented_rows(rows: Tensor, aug: Tensor, resid: Tensor) -> tuple[Tensor, T
     return norms, resid_norms
 
 
-def _fp64_norms(rows: Tensor) -> Tensor:
+def fp64_norm_bounds(rows: Tensor) -> Tensor:
+    """Upper bounds on the row norms of [R, I] `rows`, summed in fp64 (inflated for the rounding of the
+    fp64 sum of squares and its square root)."""
     inflate = 1 + (rows.shape[1] + 4) * 2.0 ** -52
     return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64) * inflate
 
@@ -220,7 +222,7 @@ def _row_norms(rows: Tensor) -> Tensor:
     norms = torch.sqrt(norms * norms * (1 + 2 * _gamma(n_cols + 1)) + 2 * (n_cols + 1) * _TINY)
     norms *= 1 + 2.0 ** -22
     if bool(redo.any()):
-        norms[redo] = _fp64_norms(rows[redo])
+        norms[redo] = fp64_norm_bounds(rows[redo])
     return norms
 
 
