@@ -361,7 +361,8 @@ def parse_args(argv):
     p.add_argument("--ops", help=f"comma-separated subset of {','.join(C.OPS)} (default: the suite's)")
     p.add_argument("--modes", help="comma-separated subset of fwd, fwd+bwd, step")
     p.add_argument("--providers", help="comma-separated subset of reference, gemm+topk, gemm, torch, triton, cuda, "
-                                       "embedding_bag, sparsify, transcoder, mlp (default: every one that runs on the device)")
+                                       "embedding_bag, sparsify, transcoder, mlp (default: every one that runs on "
+                                       "the device)")
     p.add_argument("--shapes", help="comma-separated shape specs: gpt2, pythia-410m, pythia-1.4b, llama-3.2-3b, "
                                     "small, tiny, paper, with overrides name:T=2048,K=64,N=..,H=..,d=.., or "
                                     "sweep-k / sweep-n / sweep-t (optionally @base-shape)")
@@ -415,7 +416,8 @@ def _main(args) -> int:
         cfg = T.TimingConfig(warmup_calls=1, warmup_time=0.0, min_reps=args.reps, max_reps=args.reps, target_time=0.0)
     ceilings = T.measure_ceilings(device, dtype, args.quick, cfg)
     meta = {"device": str(device), "device_name": T.device_name(device), "dtype": DTYPE_NAMES[dtype],
-            "threads": torch.get_num_threads(), "reuse_freed_memory": reused, "versions": T.versions(), "git_commit": T.git_commit(),
+            "threads": torch.get_num_threads(), "reuse_freed_memory": reused, "versions": T.versions(),
+            "git_commit": T.git_commit(),
             "date": now.isoformat(timespec="seconds"), "quick": args.quick, "argv": args.argv,
             "ceilings": ceilings.as_dict(), "timing": dataclasses.asdict(cfg),
             "memory_method": ("torch.cuda.max_memory_allocated growth over the call" if device.type == "cuda" else

@@ -66,16 +66,28 @@ def screened(x, w, b, k):
     return sg.screened_topk_gate(x, w, b, k, direct)
 
 
+def random_gate(s: S.Shape, seed: int, device="cpu", dtype=torch.float32) -> tuple:
+    """(x [T, d] ~ N(0, 1), gate weight [N, d] ~ N(0, 1/d), bias [N] ~ N(0, 0.01)) of shape s."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(s.T, s.d, generator=g)
+    w = torch.randn(s.N, s.d, generator=g) / s.d ** 0.5
+    b = torch.randn(s.N, generator=g) * 0.1
+    return tuple(t.to(device=device, dtype=dtype) for t in (x, w, b))
+
+
 def _inputs(s: S.Shape) -> list:
-    out = []
-    for c in range(COPIES):
-        g = torch.Generator().manual_seed(c)
-        out.append((torch.randn(s.T, s.d, generator=g), torch.randn(s.N, s.d, generator=g) / s.d ** 0.5,
-                    torch.randn(s.N, generator=g) * 0.1))
-    return out
+    return [random_gate(s, c) for c in range(COPIES)]
 
 
-def _ms(t) -> dict:
+def positive_selections_differ(values, indices, other_values, other_indices):
+    """Per row, whether two top-k selections differ in the experts they select with a positive value.
+    relu's zeros tie: an index with value 0 may be any expert whose logit is <= 0, so those are left out."""
+    positive = [torch.where(v > 0, i, -1).sort(1).values for v, i in ((values, indices),
+                                                                     (other_values, other_indices))]
+    return (positive[0] != positive[1]).any(1)
+
+
+def ms_summary(t) -> dict:
     if isinstance(t, Exception):
         return {"error": f"{type(t).__name__}: {t}"}
     return {"ms": t.median * 1e3, "p20_ms": t.p20 * 1e3, "p80_ms": t.p80 * 1e3, "reps": t.reps}
@@ -88,7 +100,7 @@ def gate_row(s: S.Shape, cfg: T.TimingConfig) -> dict:
     sg.reset_screen_stats()
     timings = T.time_interleaved(fns, inputs, cfg)
     stats = sg.screen_stats()
-    row = {"shape": s.label(), **{name: _ms(t) for name, t in zip(("dense", "direct", "screened"), timings)},
+    row = {"shape": s.label(), **{name: ms_summary(t) for name, t in zip(("dense", "direct", "screened"), timings)},
            "screen_stats": stats}
     rows = max(stats["rows_screened"], 1)
     row["retried"] = stats["rows_retried"] / rows
@@ -118,8 +130,8 @@ def layer_row(s: S.Shape, cfg: T.TimingConfig) -> dict:
     timings = T.time_interleaved([lambda x, m=m: step(x, m) for m in ("reference", "direct", "screened")], inputs,
                                  cfg)
     calls = sg.screen_stats()["calls"]
-    return {"shape": s.label(), "layer_reference": _ms(timings[0]), "layer_direct": _ms(timings[1]),
-            "layer_screened": _ms(timings[2]), "layer_screened_calls": calls}
+    return {"shape": s.label(), "layer_reference": ms_summary(timings[0]), "layer_direct": ms_summary(timings[1]),
+            "layer_screened": ms_summary(timings[2]), "layer_screened_calls": calls}
 
 
 def trained_inputs(folder: str, tokens: int) -> tuple:
@@ -148,23 +160,19 @@ def trained_gate_row(folder: str, tokens: int, cfg: T.TimingConfig) -> dict:
     sg.reset_screen_stats()
     values, indices = screened(x, w, b, k)
     once = sg.screen_stats()
-    # relu's zeros tie: an index with value 0 may be any expert whose logit is <= 0, so only the positive
-    # selections are compared
-    positive = [torch.where(v > 0, i, -1).sort(1).values for v, i in ((values, indices),
-                                                                     (reference_values, reference_indices))]
-    same_sets = (positive[0] == positive[1]).all(1)
     value_error = float((values - reference_values).abs().max()) if values.numel() else 0.0
+    differ = positive_selections_differ(values, indices, reference_values, reference_indices)
     fns = [lambda i, f=f: f(*i, k) for f in (dense, direct, screened)]
     timings = T.time_interleaved(fns, [(x, w, b), (x.clone(), w, b)], cfg)
     rows = max(once["rows_screened"], 1)
     return {"shape": label, "run": folder, "tokens": int(x.shape[0]),
-            **{name: _ms(t) for name, t in zip(("dense", "direct", "screened"), timings)},
+            **{name: ms_summary(t) for name, t in zip(("dense", "direct", "screened"), timings)},
             "screen_stats": once, "retried": once["rows_retried"] / rows, "fallback": once["rows_fallback"] / rows,
-            "screened_calls": once["calls"], "rows_with_other_indices": int((~same_sets).sum()),
+            "screened_calls": once["calls"], "rows_with_other_indices": int(differ.sum()),
             "max_value_difference": value_error}
 
 
-def _ratio(row: dict, num: str, den: str) -> str:
+def ratio(row: dict, num: str, den: str) -> str:
     a, b = row.get(num, {}), row.get(den, {})
     return f"{a['ms'] / b['ms']:.2f}" if "ms" in a and "ms" in b else "-"
 
@@ -180,7 +188,7 @@ def print_header() -> None:
 
 def print_row(r: dict) -> None:
     print(f"{r['shape']:44s} {_cell(r['dense']):>9s} {_cell(r['direct']):>10s} {_cell(r['screened']):>10s} "
-          f"{_ratio(r, 'direct', 'screened'):>8s} {_ratio(r, 'dense', 'screened'):>9s} "
+          f"{ratio(r, 'direct', 'screened'):>8s} {ratio(r, 'dense', 'screened'):>9s} "
           f"{r['retried']:>8.2%} {r['fallback']:>8.2%}{'' if r['screened_calls'] else '  (not screenable)'}")
     if "rows_with_other_indices" in r:
         print(f"  {r['tokens']} held-out tokens; rows whose positive selections differ from "
@@ -189,7 +197,7 @@ def print_row(r: dict) -> None:
         note = "" if r["layer_screened_calls"] else "  (the layer's gate never screened)"
         print(f"{'  layer fwd+bwd ms, reference / direct / screened':44s} {_cell(r['layer_reference']):>9s} "
               f"{_cell(r['layer_direct']):>10s} {_cell(r['layer_screened']):>10s} "
-              f"{_ratio(r, 'layer_direct', 'layer_screened'):>8s} {_ratio(r, 'layer_reference', 'layer_screened'):>9s}"
+              f"{ratio(r, 'layer_direct', 'layer_screened'):>8s} {ratio(r, 'layer_reference', 'layer_screened'):>9s}"
               f"{note}")
 
 

@@ -23,48 +23,25 @@ import torch
 from . import shapes as S
 from . import timing as T
 from .cli import positive_int
-
-
-def _dense(x, w, b, k):
-    return torch.addmm(b, x, w.T).relu_().topk(k, dim=1)
-
-
-def _inputs(s: S.Shape, device, dtype, seed: int = 0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(s.T, s.d, generator=g)
-    w = torch.randn(s.N, s.d, generator=g) / s.d ** 0.5
-    b = torch.randn(s.N, generator=g) * 0.1
-    return tuple(t.to(device=device, dtype=dtype) for t in (x, w, b))
+from .gate_screen import dense, ms_summary, positive_selections_differ, random_gate, ratio
 
 
 def shape_row(s: S.Shape, device, dtype, cfg: T.TimingConfig) -> dict:
     from mxd_fast.kernels import screened_gate as sk
     from mxd_fast.kernels import topk_gate as tk
-    x, w, b = _inputs(s, device, dtype)
+    x, w, b = random_gate(s, 0, device, dtype)
     exact_values, exact_indices = tk.topk_gate_forward(x, w, b, s.K)
     sk.reset_screen_stats()
     values, indices = sk.screened_topk_gate_forward(x, w, b, s.K)
     stats = sk.screen_stats()
-    positive = [torch.where(v > 0, i, -1).sort(1).values for v, i in ((values, indices),
-                                                                     (exact_values, exact_indices))]
-    fns = [lambda i, f=f: f(*i, s.K) for f in (_dense, tk.topk_gate_forward, sk.screened_topk_gate_forward)]
+    fns = [lambda i, f=f: f(*i, s.K) for f in (dense, tk.topk_gate_forward, sk.screened_topk_gate_forward)]
     timings = T.time_interleaved(fns, [(x, w, b)], cfg)
     rows = max(stats["rows_screened"], 1)
     return {"shape": s.label(), "bound_violations": sk.bound_violations(x, w, b),
-            **{name: _ms(t) for name, t in zip(("addmm_topk", "exact", "screened"), timings)},
+            **{name: ms_summary(t) for name, t in zip(("addmm_topk", "exact", "screened"), timings)},
             "screen_stats": stats, "certified": 1 - stats["rows_fallback"] / rows if stats["calls"] else 0.0,
-            "rows_with_other_indices": int((positive[0] != positive[1]).any(1).sum())}
-
-
-def _ms(t) -> dict:
-    if isinstance(t, Exception):
-        return {"error": f"{type(t).__name__}: {t}"}
-    return {"ms": t.median * 1e3, "p20_ms": t.p20 * 1e3, "p80_ms": t.p80 * 1e3}
-
-
-def _ratio(row, num, den) -> str:
-    a, b = row[num], row[den]
-    return f"{a['ms'] / b['ms']:.2f}" if "ms" in a and "ms" in b else "-"
+            "rows_with_other_indices": int(positive_selections_differ(values, indices, exact_values,
+                                                                          exact_indices).sum())}
 
 
 def parse_args(argv):
@@ -100,7 +77,7 @@ def main(argv=None) -> int:
         rows.append(r)
         cell = lambda t: f"{t['ms']:.3f}" if "ms" in t else "error"   # noqa: E731
         print(f"{r['shape']:48s} {cell(r['addmm_topk']):>10s} {cell(r['exact']):>8s} {cell(r['screened']):>9s} "
-              f"{_ratio(r, 'addmm_topk', 'screened'):>8s} {_ratio(r, 'exact', 'screened'):>8s} "
+              f"{ratio(r, 'addmm_topk', 'screened'):>8s} {ratio(r, 'exact', 'screened'):>8s} "
               f"{r['certified']:>9.1%} {r['bound_violations']:>10d} {r['rows_with_other_indices']:>6d}")
     if args.out:
         with open(args.out, "w") as f:

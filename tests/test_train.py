@@ -528,7 +528,8 @@ def test_model_without_mxd_activation_or_mlp_module_exits_naming_the_option(tiny
     model = copy.deepcopy(tiny["model"])
     model.config.hidden_act = "relu2"   # the config says relu2, the MLP's module computes silu: no exact form
     monkeypatch.setattr(D, "load_model", lambda *a, **k: (model, tiny["tokenizer"]))
-    with pytest.raises(SystemExit, match="--activation: the model's MLP activation 'relu2' has no MxD form \\(.+\\); choose"):
+    refusal = "--activation: the model's MLP activation 'relu2' has no MxD form \\(.+\\); choose"
+    with pytest.raises(SystemExit, match=refusal):
         T.main(_args(tiny, tmp_path / "a"))
     for extra in (["--activation", "relu"], ["--arch", "transcoder"]):   # the layer needs none of the model's
         assert math.isfinite(T.main(_args(tiny, tmp_path / extra[1], "--eval-tokens", "0", *extra))["nmse"])
