@@ -164,11 +164,22 @@ def placeholder(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0)
 
 
+_autocast_available: dict[str, bool] = {}   # device type -> whether torch.autocast applies to it (not meta)
+
+
 def autocasting(t) -> bool:
     """True under torch.autocast for t's device: the op casts its floating inputs to one dtype, so
     mixed floating dtypes are fine until then (the checks allow them: mixed_dtypes=True)."""
-    return (isinstance(t, torch.Tensor) and torch.amp.is_autocast_available(t.device.type)   # not meta
-            and torch.is_autocast_enabled(t.device.type))
+    if not isinstance(t, torch.Tensor):
+        return False
+    kind = t.device.type
+    available = _autocast_available.get(kind)
+    if available is None:
+        if torch.compiler.is_compiling():   # torch 2.11's dynamo cannot trace the availability query
+            available = kind != "meta"
+        else:
+            available = _autocast_available.setdefault(kind, torch.amp.is_autocast_available(kind))
+    return available and torch.is_autocast_enabled(kind)
 
 
 def flatten_leading(t: torch.Tensor) -> torch.Tensor:

@@ -99,7 +99,8 @@ def register(op_def, check=None) -> None:
         autograd_impl = _autograd_impl(op, op_def)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)   # "Overriding a previously registered kernel"
-            _lib.impl(name, checked, "Autograd", with_keyset=True)
+            # custom_op's own Autograd kernel is replaced (torch 2.11 refuses that without allow_override)
+            _lib.impl(name, checked, "Autograd", with_keyset=True, allow_override=True)
     for key in ("NestedTensorCPU", "NestedTensorCUDA"):
         _lib.impl(name, refuse_nested, key)
     if NestedTensor is not None and hasattr(torch.library, "register_torch_dispatch"):
