@@ -5,6 +5,7 @@ a run shows its progress (harvesting, training, evaluation), explains its summar
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -22,6 +23,8 @@ EXTRA = ("transformers", "tokenizers", "safetensors", "huggingface_hub", "gguf")
 # run before anything else in a subprocess: the packages of the train extra cannot be imported
 HIDE_EXTRA = f"import sys; sys.modules.update(dict.fromkeys({EXTRA!r}))\n"
 INSTALL = "pip install 'mxd_fast[train]'"
+needs_extra = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in EXTRA),
+                                 reason="needs the train extra (pip install 'mxd_fast[train]')")
 
 
 def _python(code: str, env=None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -167,6 +170,7 @@ def test_a_run_shows_harvesting_training_and_evaluation_bars_and_explains_its_su
 def test_the_training_bar_counts_harvesting_in_its_time_estimate():
     """Harvesting pauses the steps every few steps for as long as many steps take: the estimate counts it from
     the first step on (training_eta), not a moving average of the step rate that swings with the pauses."""
+    pytest.importorskip("tqdm")
     from mxd_fast.train.progress import progress_bar, training_eta
     assert training_eta(10, 0.5, 800, 0.01) == pytest.approx(5 + 8)   # 10 steps of 0.5 s, 800 rows of 0.01 s
     bar = progress_bar(20, True, desc="training", eta=lambda: 50.0)
@@ -292,6 +296,7 @@ def test_a_failed_start_leaves_no_empty_run_folder(tiny, tmp_path):
     assert empty.is_dir()   # it was there before the run
 
 
+@needs_extra
 def test_a_folder_holding_a_run_is_refused_in_the_words_the_makefile_looks_for(tmp_path):
     """`make train` prints how to --overwrite or --resume when the trainer's stderr says the folder "holds a run"."""
     assert 'grep -q "holds a run"' in (REPO / "Makefile").read_text()
