@@ -14,12 +14,12 @@ from setuptools import find_packages, setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _version() -> str:
-    """__version__ from mxd_fast/_version.py, read as text: importing the package needs torch."""
+def _version_field(name: str) -> str:
+    """A `NAME = "..."` line of mxd_fast/_version.py, read as text: importing the package needs torch."""
     with open(os.path.join(HERE, "mxd_fast", "_version.py"), encoding="utf-8") as f:
-        match = re.search(r'^__version__ = "([^"]+)"$', f.read(), re.MULTILINE)
+        match = re.search(rf'^{name} = "([^"]+)"$', f.read(), re.MULTILINE)
     if match is None:
-        raise RuntimeError("mxd_fast/_version.py has no line __version__ = \"...\"")
+        raise RuntimeError(f"mxd_fast/_version.py has no line {name} = \"...\"")
     return match.group(1)
 
 
@@ -121,7 +121,7 @@ TRAIN_REQUIRES = [
 
 setup(
     name="mxd_fast",
-    version=_version(),
+    version=_version_field("__version__"),
     description="Fast Triton/CUDA kernels and torch ops for Mixture of Decoders (MxD) layers",
     long_description=_readme(),
     long_description_content_type="text/markdown",
@@ -136,7 +136,7 @@ setup(
     package_dir={"mxd_fast.kernels": "kernels"},
     package_data={"mxd_fast": ["py.typed"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6"],
+    install_requires=[f"torch>={_version_field('MIN_TORCH')}"],
     extras_require={
         "triton": ["triton"],
         "train": TRAIN_REQUIRES,

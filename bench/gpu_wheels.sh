@@ -25,9 +25,10 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     -d "$OUT/download" "${PINS[@]}" 2>&1 | grep -v "^WARNING: Location" || true
 mv "$OUT"/download/transformers-*.whl "$OUT"/download/tokenizers-*.whl "$OUT/call1/"
 mv "$OUT"/download/gguf-*.whl "$OUT/call2/"
-docs=$(ls -d /usr/share/doc/python3*/html/_sources 2>/dev/null | head -1 || true)
+# the folder the trainer reads by default: the shortest path, then the first by name (data.default_corpus)
+docs=$(ls -d /usr/share/doc/python3*/html/_sources 2>/dev/null | awk '{ print length($0), $0 }' | sort -n -k1,1 -k2 | head -1 | cut -d" " -f2- || true)
 if [[ -n $docs ]]; then
-    tar cJf "$OUT/call2/python-doc-sources.tar.xz" -C "$docs" .
+    tar cJhf "$OUT/call2/python-doc-sources.tar.xz" -C "$docs" .
 else
     echo "gpu_wheels: no Python documentation sources here (Debian's python3-doc): the trainer will use its fallback corpus"
 fi

@@ -129,7 +129,11 @@ def _ptxas_report(kernel, capability: int, rec: Compiled) -> None:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        out = subprocess.run([get_ptxas(capability).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+        try:
+            ptxas = get_ptxas(capability)
+        except TypeError:   # triton before 3.6 takes no capability
+            ptxas = get_ptxas()
+        out = subprocess.run([ptxas.path, "-lineinfo", "-v", "--regAllocOptLevel=2",
                               f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.o")],
                              capture_output=True, text=True, check=True)
     log = out.stderr + out.stdout

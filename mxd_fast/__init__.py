@@ -1,5 +1,13 @@
 """mxd_fast: fast, memory-lean kernels and ops for Mixture of Decoders (MxD) layers."""
-from . import reference
+import torch as _torch
+
+from ._version import MIN_TORCH as _MIN_TORCH
+
+if tuple(int(p) for p in _torch.__version__.split("+")[0].split(".")[:2]) < tuple(map(int, _MIN_TORCH.split("."))):
+    raise ImportError(f"mxd_fast needs torch >= {_MIN_TORCH}, found torch {_torch.__version__}: "
+                      f"pip install 'torch>={_MIN_TORCH}'")
+
+from . import reference  # noqa: E402  (after the version check: the ops register with torch.library)
 from .cpu_memory import reuse_freed_memory
 from .backend import BackendUnavailableError, available_backends, get_backend, use_backend, use_deterministic
 from .hooks import Coefficients, HookPoint, steer

@@ -1,6 +1,8 @@
 """Bad input gets a clear exception that names the argument, from the public functions and from
 torch.ops.mxd_fast.* alike."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,6 +10,15 @@ import torch
 import mxd_fast
 
 f32, f64 = torch.float32, torch.float64
+
+
+@pytest.mark.parametrize("old", ["2.8.0+cu128", "1.13.1"])
+def test_a_torch_older_than_the_oldest_supported_is_refused_at_import_naming_both(old):
+    from mxd_fast._version import MIN_TORCH
+    proc = subprocess.run([sys.executable, "-c", f"import torch; torch.__version__ = {old!r}; import mxd_fast"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert f"ImportError: mxd_fast needs torch >= {MIN_TORCH}, found torch {old}" in proc.stderr, proc.stderr
 
 
 def gate_args(**over):
