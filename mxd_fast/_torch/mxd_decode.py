@@ -25,8 +25,12 @@ def mxd_decode_torch_backward(grad_y, z, decoder, experts, values, indices, need
         del grad_h
     if need_experts or need_values:
         grad_c = grad_y * (z @ decoder)  # recomputed: (z @ decoder) is never kept between the passes
-        dexperts = sparse.scatter_rows(indices, values, grad_c, experts.shape[0], deterministic) if need_experts else None
-        dvalues = sparse.gathered_dot(experts, indices, grad_c).where(valid, 0) if need_values else None
+        n = experts.shape[0]
+        # on the CPU both products group the selections by row: group them once (all in range by now)
+        both = need_experts and need_values and grad_y.device.type == "cpu" and indices.numel() > 0
+        rows = sparse.row_groups(indices, n) if both else None
+        dexperts = sparse.scatter_rows(indices, values, grad_c, n, deterministic, rows=rows) if need_experts else None
+        dvalues = sparse.gathered_dot(experts, indices, grad_c, rows=rows).where(valid, 0) if need_values else None
     if need_bias:
         dbias = grad_y.sum(0)
     return dz, ddecoder, dexperts, dvalues, dbias
