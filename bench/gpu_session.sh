@@ -94,7 +94,8 @@ if [[ $DRY_RUN == 1 ]]; then
     echo "dry run: the package is not rebuilt"
 elif $PY -c "import torch, mxd_fast._C_cuda, sys; from mxd_fast import _extension as e; sys.exit(e.cuda_build_is_stale() is not False)" >/dev/null 2>&1; then
     echo "prebuilt CUDA extension imports and was built from these sources"
-    MXD_FAST_NO_CUDA=1 $PY -m pip install -q --no-build-isolation --no-deps -e . > "$WORK/install.log" 2>&1
+    MXD_FAST_NO_CUDA=1 $PY -m pip install -q --no-build-isolation --no-deps -e . > "$WORK/install.log" 2>&1 ||
+        { echo "pip install -e . failed:"; tail -20 "$WORK/install.log"; }
 else
     $PY -c "import torch, mxd_fast._C_cuda; from mxd_fast import _extension as e; print('stale or unrecorded build:', e.cuda_build_is_stale())" 2>&1 | tail -3
     rm -f mxd_fast/_C_cuda*.so mxd_fast/_cuda_build.py
@@ -102,6 +103,7 @@ else
     run 240 build.log $PY -m pip install --no-build-isolation --no-deps -e .
 fi
 $PY -m mxd_fast.info 2>&1 | tee -a "$WORK/info.txt"
+$PY -c "import mxd_fast.kernels" 2>/dev/null || echo "mxd_fast is not installed: every stage below will fail"
 
 # Default kernel configurations for tests and benchmarks (autotuning compiles every candidate); the
 # tune stage autotunes.
