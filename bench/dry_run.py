@@ -61,13 +61,14 @@ def _parse_only(module: str, args: list[str]):
         raise _Parsed(self, original(self, args, namespace))
 
     argparse.ArgumentParser.parse_args = parse_and_stop
-    sys.argv = [module, *args]
+    argv, sys.argv = sys.argv, [module, *args]
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     except _Parsed as parsed:
         return parsed.parser, parsed.namespace
     finally:
         argparse.ArgumentParser.parse_args = original
+        sys.argv = argv
     raise SystemExit(f"{module}: finished without parsing any options")
 
 

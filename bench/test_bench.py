@@ -533,3 +533,27 @@ def test_tune_gate_candidates_and_arguments(monkeypatch, capsys):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="--device cuda: no CUDA device is available"):
             tune_gate.main(["--device", "cuda"])
+
+
+def test_train_summary_gives_the_ratio_and_names_a_missing_run(tmp_path):
+    from bench import train_summary
+    for name, rate in (("reference", 1000.0), ("auto", 3500.0)):
+        (tmp_path / f"throughput-{name}").mkdir()
+        (tmp_path / f"throughput-{name}" / "metrics.json").write_text(json.dumps(
+            {"tokens": 40960, "tokens_per_s": rate, "layer_tokens_per_s": None}))
+    assert train_summary.main([str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["auto_vs_reference_tokens_per_s"] == pytest.approx(3.5)
+    text = "\n".join(train_summary.lines(summary))
+    assert "short default run: no metrics.json" in text and "3.50x with harvesting" in text
+
+
+def test_dry_run_passes_a_good_command_and_names_what_fails():
+    from bench import dry_run
+    assert dry_run.main(["python", "-m", "bench", "--shapes", "pythia-1.4b:K=128", "--ops", "topk_gate"]) == 0
+    assert dry_run.main(["env", "A=1", "python", "-m", "bench.profile", "--op", "train", "--provider", "cuda",
+                         "--shape", "pythia-1.4b"]) == 0
+    assert dry_run.main(["python", "-m", "bench", "--shapes", "pythia-1.4b:Q=3"]) == 1
+    assert dry_run.main(["python", "-m", "bench", "--ops", "nope"]) == 1
+    assert dry_run.main(["python", "-m", "bench.tune_gate", "--splits", "0"]) == 1
+    assert dry_run.main(["nvidia-smi"]) == 1   # not a python -m command

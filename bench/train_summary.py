@@ -43,8 +43,8 @@ def lines(summary: dict) -> list[str]:
     text = []
     if short.get("tokens"):
         text.append(f"short default run (layer {short['layer']}, K = {short['k']}): {short['tokens']:,} tokens, "
-                    f"{short['tokens_per_s']:,.0f} tokens/s with harvesting, {short['layer_tokens_per_s']:,.0f} in "
-                    f"the layer; held-out NMSE {_number(short, 'eval_nmse'):.4f}, CE {_number(short, 'ce_clean'):.4f}"
+                    f"{_number(short, 'tokens_per_s'):,.0f} tokens/s with harvesting, "
+                    f"{_number(short, 'layer_tokens_per_s'):,.0f} in the layer; held-out NMSE {_number(short, 'eval_nmse'):.4f}, CE {_number(short, 'ce_clean'):.4f}"
                     f" -> {_number(short, 'ce_spliced'):.4f} spliced ({_number(short, 'delta_ce'):+.4f})")
     else:
         text.append("short default run: no metrics.json (failed or not run)")
@@ -52,8 +52,8 @@ def lines(summary: dict) -> list[str]:
         if not m.get("tokens"):
             text.append(f"trainer throughput, {name} backend: no metrics.json (failed or not run)")
             continue
-        text.append(f"trainer throughput, {name} backend: {m['tokens_per_s']:,.0f} tokens/s with harvesting, "
-                    f"{m['layer_tokens_per_s']:,.0f} tokens/s in the layer ({m['tokens']:,} tokens)")
+        text.append(f"trainer throughput, {name} backend: {_number(m, 'tokens_per_s'):,.0f} tokens/s with "
+                    f"harvesting, {_number(m, 'layer_tokens_per_s'):,.0f} tokens/s in the layer ({m['tokens']:,} tokens)")
     text.append(f"default backends vs reference: {summary['auto_vs_reference_tokens_per_s']:.2f}x with harvesting, "
                 f"{summary['auto_vs_reference_layer_tokens_per_s']:.2f}x in the layer")
     return text
