@@ -223,6 +223,9 @@ if [[ $DRY_RUN == 1 ]]; then
     stage "dry run: $DRY_FAILURES command(s) would fail"
     exit $(( DRY_FAILURES > 0 ))
 fi
+stage "the targets, from this run's results and any earlier run's in $WORK (bench/targets.py)"
+$PY -m bench.targets "$WORK" 2>&1 | tee "$WORK/targets.md"
+
 stage "pack"
 tar czf "$OUT/gpu-results.tar.gz" -C "$WORK" . && ls -la "$OUT"
 echo "done after $(( $(date +%s) - T0 )) s"

@@ -557,3 +557,23 @@ def test_dry_run_passes_a_good_command_and_names_what_fails():
     assert dry_run.main(["python", "-m", "bench", "--ops", "nope"]) == 1
     assert dry_run.main(["python", "-m", "bench.tune_gate", "--splits", "0"]) == 1
     assert dry_run.main(["nvidia-smi"]) == 1   # not a python -m command
+
+
+def test_targets_table_reads_the_session_and_marks_missing_rows(tmp_path):
+    from bench import targets
+    row = lambda op, mode, shape, provider, median, **extra: dict(op=op, mode=mode, shape=shape, provider=provider,
+                                                                 median=median, **extra)
+    rows = [row("topk_gate", "fwd", "llama-3.2-3b", "gemm+topk", 6.0), row("topk_gate", "fwd", "llama-3.2-3b", "cuda", 5.0),
+            row("topk_gate", "fwd", "llama-3.2-3b", "triton", 4.0),
+            row("train", "fwd+bwd", "pythia-1.4b", "cuda", 5.0, frac_matmul=0.44),
+            row("train", "fwd+bwd", "pythia-1.4b", "triton", 10.0, frac_matmul=0.22)]
+    (tmp_path / "bench-1").mkdir()
+    (tmp_path / "bench-1" / "results.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "summary.json").write_text(json.dumps({"auto_vs_reference_tokens_per_s": 3.2}))
+    lines = targets.table(*targets.load(str(tmp_path))).splitlines()
+    assert lines[2].endswith("| 1.50x | >= 1.3x | yes |")          # the faster of cuda and triton
+    assert "| not measured | <= 1.15x | - |" in lines[3]
+    assert lines[5].endswith("| 44% | >= 60% | no |")
+    assert lines[6].endswith("| 0.50x | >= 0.8x | no |")
+    assert lines[7].endswith("| 3.20x | >= 3x | yes |")
