@@ -128,7 +128,7 @@ if want sanitize; then
 stage "compute-sanitizer memcheck: the CUDA, then the Triton backend's op tests (no caching allocator, so each buffer's bounds are its own)"
 for backend in cuda triton; do
     files=(tests/test_ops.py); [[ $backend == cuda ]] && files+=(tests/test_cuda_ops.py)
-    run 45 memcheck.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool=memcheck --error-exitcode=1 \
+    run 35 memcheck.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool=memcheck --error-exitcode=1 \
         --print-limit=20 $PY -m pytest "${COMMON[@]}" -x "${files[@]}" -k "$backend and not f64" -rfE
 done
 fi
@@ -140,9 +140,9 @@ bench() {   # bench LIMIT INDEX SHAPES: one shape's ops and training step, every
 # (llama-3.2-3b is at N = 90088; bench/shapes.py says why)
 if want bench; then
 stage "benchmarks (bf16, paper shapes; ratios measured side by side)"
-bench 80 1 pythia-1.4b
-bench 55 3 pythia-1.4b:K=128
-bench 65 2 llama-3.2-3b
+bench 75 1 pythia-1.4b
+bench 50 3 pythia-1.4b:K=128
+bench 60 2 llama-3.2-3b
 fi
 
 # the trainer's options in the train and compare stages; $CORPUS, when given, replaces the default corpus
@@ -151,11 +151,11 @@ TRAIN=(--device "${TRAIN_DEVICE:-cuda}" --layer "${TRAIN_LAYER:-15}" --budget 32
        --overwrite "${CORPUS_ARGS[@]}")   # a rerun of this stage replaces its runs in $WORK
 if want train; then
 stage "the trainer on the embedded SmolLM2-135M: a short default run (make train's), its throughput against the reference backend"
-run 60 train.log $PY -m mxd_fast.train --device cuda "${CORPUS_ARGS[@]}" --tokens "${SHORT_TOKENS:-2000000}" \
+run 50 train.log $PY -m mxd_fast.train --device cuda "${CORPUS_ARGS[@]}" --tokens "${SHORT_TOKENS:-2000000}" \
     --eval-tokens 16384 --time-limit 25 --overwrite --no-plot --out "$WORK/train/make-train"
 for backend in reference auto; do
-    run 45 train.log $PY -m mxd_fast.train "${TRAIN[@]}" --backend $backend --k 32 \
-        --tokens "${THROUGHPUT_TOKENS:-4000000}" --eval-tokens 0 --time-limit 25 --quiet --out "$WORK/train/throughput-$backend"
+    run 40 train.log $PY -m mxd_fast.train "${TRAIN[@]}" --backend $backend --k 32 \
+        --tokens "${THROUGHPUT_TOKENS:-4000000}" --eval-tokens 0 --time-limit 20 --quiet --out "$WORK/train/throughput-$backend"
 done
 $PY -m bench.train_summary "$WORK/train" 2>&1 | tee -a "$WORK/train.log"
 fi
@@ -164,7 +164,7 @@ if want profile; then
 stage "where the layer's time goes: kernel profiles, forward + backward (pythia-1.4b, K = 32)"
 for case in "train triton" "train cuda" "topk_gate cuda"; do
     read -r op provider <<< "$case"
-    run 30 profiles.log $PY -m bench.profile --op "$op" --mode fwd+bwd --provider "$provider" --shape pythia-1.4b --rows 25
+    run 25 profiles.log $PY -m bench.profile --op "$op" --mode fwd+bwd --provider "$provider" --shape pythia-1.4b --rows 25
 done
 fi
 
