@@ -73,8 +73,8 @@ from mxd_fast._utils import Counters, new_empty
 
 from . import topk_gate as tgk
 from ._device import LAUNCH_OPTIONS, capability, compiled
-from .topk_gate import (_NAN_BITS, _empty_running, _merge_tile, _program_rows_and_tiles, _topk_gate_merge_kernel,
-                        _write_running)
+from .topk_gate import (_empty_running, _merge_tile, _program_rows_and_tiles, _relu_bits,
+                        _topk_gate_merge_kernel, _write_running)
 
 E4M3_MAX = 448.0
 E4M3_MIN_NORMAL = 2.0 ** -6
@@ -150,11 +150,7 @@ def _screen_tile_bits(x8_ptr, g8_ptr, b_ptr, rowc_ptr, colc_ptr, rows64, row_ok,
     if HAS_BIAS:
         low += tl.load(b_ptr + cols64 * stride_bn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     err = a1[:, None] * c1[None, :] + a2[:, None] * c2[None, :] + c4[None, :]
-    up = low + err
-    bits = tl.maximum(up.to(tl.int32, bitcast=True), 0)
-    bits = tl.where(up != up, _NAN_BITS, bits)
-    bits = tl.where(row_ok[:, None] & col_ok[None, :], bits, -1)
-    return bits, cols
+    return _relu_bits(low + err, row_ok, col_ok), cols
 
 
 @triton.jit

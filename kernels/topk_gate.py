@@ -74,6 +74,16 @@ _NAN_BITS = tl.constexpr(0x7FFFFFFF)
 
 
 @triton.jit
+def _relu_bits(t, row_ok, col_ok):
+    """relu(t) of a [rows, cols] fp32 tile as int32 float bits: every negative float (and -0.0) reads as a
+    negative int32, so relu is a max with 0; NaN (of either sign) gets the top pattern; masked rows and
+    columns -1."""
+    bits = tl.maximum(t.to(tl.int32, bitcast=True), 0)
+    bits = tl.where(t != t, _NAN_BITS, bits)
+    return tl.where(row_ok[:, None] & col_ok[None, :], bits, -1)
+
+
+@triton.jit
 def _tile_bits(x_ptr, w_ptr, b_ptr, rows64, row_ok, n0, N, I,
                stride_xb, stride_xi, stride_wn, stride_wi, stride_bn,
                HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr,
@@ -100,12 +110,7 @@ def _tile_bits(x_ptr, w_ptr, b_ptr, rows64, row_ok, n0, N, I,
     if HAS_BIAS:
         bias = tl.load(b_ptr + cols64 * stride_bn, mask=col_ok, other=0.0)
         acc = acc + bias.to(tl.float32)[None, :]
-    # relu on the bit pattern: every negative float (and -0.0) reads as a negative int32. NaN
-    # (of either sign) gets the top pattern.
-    bits = tl.maximum(acc.to(tl.int32, bitcast=True), 0)
-    bits = tl.where(acc != acc, _NAN_BITS, bits)
-    bits = tl.where(row_ok[:, None] & col_ok[None, :], bits, -1)
-    return bits, cols
+    return _relu_bits(acc, row_ok, col_ok), cols
 
 
 @triton.jit
