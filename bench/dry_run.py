@@ -15,6 +15,7 @@ bench/gpu_session.sh`, which passes every stage's command here instead of runnin
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shutil
 import subprocess
@@ -85,21 +86,12 @@ def _check_trainer_options(argv: list[str]) -> None:
 
 def _check_names(module: str, parser, args) -> None:
     """The names inside the project's tools' options, resolved as the tools resolve them on a GPU."""
-    from bench import cases as C
-    from bench import shapes as S
-
     if module == "bench":
         from bench.cli import PROVIDERS, name_list, select_jobs
         select_jobs(args, "cuda")
         name_list("--providers", args.providers, PROVIDERS, "provider")
     elif module in ("bench.profile", "bench.tune_gate"):
-        try:
-            S.resolve(S.split_specs(getattr(args, "shape", None) or args.shapes), "cuda")
-        except ValueError as e:
-            parser.error(f"--shape(s): {e}")
-        if module == "bench.profile" and (args.mode not in C.modes_for(args.op)
-                                          or args.provider not in C.all_providers(args.op)):
-            parser.error(f"{args.op}: no mode {args.mode!r} or provider {args.provider!r}")
+        importlib.import_module(module).resolve_shapes(parser, args, "cuda")
     elif module == "bench.train_compare":
         rest = list(args.train_args)
         _check_trainer_options(rest[1:] if rest[:1] == ["--"] else rest)

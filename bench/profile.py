@@ -44,6 +44,22 @@ def profile(op: str, mode: str, provider: str, shape: S.Shape, dtype: torch.dtyp
     return events.table(row_limit=rows)
 
 
+def resolve_shapes(p: argparse.ArgumentParser, args, device_type: str) -> list:
+    """The one shape --shape names on `device_type`, after --mode and --provider are checked against --op;
+    p.error naming the option otherwise (also used by bench.dry_run)."""
+    if args.mode not in C.modes_for(args.op):
+        p.error(f"mode {args.mode!r} does not apply to {args.op} (use one of {C.modes_for(args.op)})")
+    if args.provider not in C.all_providers(args.op):
+        p.error(f"provider {args.provider!r} does not apply to {args.op} (use one of {C.all_providers(args.op)})")
+    try:
+        shapes = S.resolve(S.split_specs(args.shape), device_type)
+    except ValueError as e:
+        p.error(f"--shape: {e}")
+    if len(shapes) != 1:
+        p.error(f"--shape {args.shape!r} names {len(shapes)} shapes; profile one at a time")
+    return shapes
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,21 +72,11 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=positive_int, default=5, help="profiled calls (after 3 warm-up calls)")
     p.add_argument("--rows", type=positive_int, default=20, help="rows of the printed table")
     args = p.parse_args(argv)
-    if args.mode not in C.modes_for(args.op):
-        p.error(f"mode {args.mode!r} does not apply to {args.op} (use one of {C.modes_for(args.op)})")
-    if args.provider not in C.all_providers(args.op):
-        p.error(f"provider {args.provider!r} does not apply to {args.op} (use one of {C.all_providers(args.op)})")
     device = pick_device(args.device)
+    (shape,) = resolve_shapes(p, args, device.type)
     reason = C.provider_unavailable(args.provider, device)
     if reason is not None:
         p.error(f"provider {args.provider!r} cannot run here: {reason}")
-    try:
-        shapes = S.resolve(S.split_specs(args.shape), device.type)
-    except ValueError as e:
-        p.error(f"--shape: {e}")
-    if len(shapes) != 1:
-        p.error(f"--shape {args.shape!r} names {len(shapes)} shapes; profile one at a time")
-    (shape,) = shapes
     print(f"{args.op} {args.mode} [{args.provider}] {shape.label()} {args.dtype} on {device}: {args.calls} calls")
     print(profile(args.op, args.mode, args.provider, shape, DTYPES[args.dtype], device, args.calls, rows=args.rows))
     return 0

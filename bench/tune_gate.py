@@ -97,6 +97,15 @@ def tune(shape: S.Shape, dtype: torch.dtype, device: torch.device, splits: list[
     return rows
 
 
+def resolve_shapes(p: argparse.ArgumentParser, args, device_type: str) -> list:
+    """The shapes --shapes names on `device_type`; p.error naming --shapes otherwise (also used by
+    bench.dry_run)."""
+    try:
+        return S.resolve(S.split_specs(args.shapes), device_type)
+    except ValueError as e:
+        p.error(f"--shapes: {e}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.tune_gate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,10 +120,7 @@ def main(argv=None) -> int:
     device = pick_device(args.device)
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         p.error("needs a CUDA device (or TRITON_INTERPRET=1 for a run that checks the script on tiny shapes)")
-    try:
-        shapes = S.resolve(S.split_specs(args.shapes), device.type)
-    except ValueError as e:
-        p.error(f"--shapes: {e}")
+    shapes = resolve_shapes(p, args, device.type)
     cfg = T.TimingConfig.for_device(device, quick=device.type != "cuda")
     meta = {"device": T.device_name(device), "versions": T.versions(), "commit": T.git_commit(),
             "dtype": args.dtype, "autotune": os.environ.get("MXD_FAST_AUTOTUNE", "1")}
